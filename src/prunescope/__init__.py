@@ -1,0 +1,21 @@
+"""prunescope: pruning sensitivity analysis and sensitivity-guided pruning for PyTorch models."""
+
+__version__ = "0.1.0"
+
+from .allocate import allocate  # noqa: E402
+from .apply import apply, load_masked, make_permanent, masks_of, sparsity_of  # noqa: E402
+from .errors import PrunescopeError  # noqa: E402
+from .evaluator import Evaluation, Evaluator, evaluate  # noqa: E402
+from .levels import NMPattern, parse_level  # noqa: E402
+from .masks import keep_mask  # noqa: E402
+from .metrics import Metric  # noqa: E402
+from .plan import Budget, Plan  # noqa: E402
+from .profile import Cell, Profile  # noqa: E402
+from .scan import scan  # noqa: E402
+from .targets import Target, default_excludes, find_targets  # noqa: E402
+
+__all__ = [
+    "Budget", "Cell", "Evaluation", "Evaluator", "Metric", "NMPattern", "Plan", "Profile", "PrunescopeError",
+    "Target", "allocate", "apply", "default_excludes", "evaluate", "find_targets", "keep_mask", "load_masked",
+    "make_permanent", "masks_of", "parse_level", "scan", "sparsity_of",
+]

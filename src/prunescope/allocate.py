@@ -1,0 +1,127 @@
+"""Turn a Profile and a Budget into a Plan: how much to prune each target."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import PrunescopeError
+from .plan import Budget, Plan
+from .profile import Profile
+from .targets import weight_of
+
+METHODS = ("uniform", "global_magnitude", "threshold")
+
+
+def allocate(profile: Profile, budget: Budget | float, method: str = "threshold", *, model: torch.nn.Module | None = None) -> Plan:
+    """Choose a level per target so the plan removes ``budget.sparsity`` of the profile's parameters.
+
+    Methods:
+        ``"uniform"``: every target at the budget's fraction.
+        ``"global_magnitude"``: one |w| threshold across all targets (needs ``model``).
+        ``"threshold"``: each target gets the largest level whose measured drop stays under one
+        shared drop threshold, interpolating linearly between scanned levels; the threshold is
+        found by bisection so the plan meets the budget (the PaddleSlim / AIMET rule).
+    """
+    if not isinstance(budget, Budget):
+        budget = Budget(budget)
+    if method not in METHODS:
+        raise PrunescopeError(f"unknown allocation method {method!r}; accepted: {', '.join(METHODS)}")
+    params = {t.name: t.params for t in profile.targets}
+    if method == "uniform":
+        levels = {name: budget.sparsity for name in params}
+        details: dict = {}
+    elif method == "global_magnitude":
+        levels, details = _global_magnitude(profile, budget, model), {}
+    else:
+        levels, details = _threshold(profile, budget)
+    predicted = _predicted_drop(profile, levels)
+    return Plan(
+        levels=levels,
+        params=params,
+        criterion=profile.criterion if method != "global_magnitude" else "magnitude",
+        granularity=profile.granularity,
+        method=method,
+        budget=budget,
+        predicted_drop=predicted,
+        metric=profile.metric,
+        details={**details, "predicted_drop_is": "sum of per-target drops (additive assumption)"},
+    )
+
+
+def _monotone_curve(profile: Profile, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(levels, drops) from (0, 0) through the measured points, drops made non-decreasing and,
+    by a vanishing slope, strictly increasing so that every threshold maps to one level."""
+    points = profile.curve(name)
+    if not points:
+        raise PrunescopeError(f"target {name!r} has no fractional level in the profile; the threshold method needs some")
+    levels = np.array([0.0] + [p[0] for p in points])
+    drops = np.maximum.accumulate(np.array([0.0] + [max(p[1], 0.0) for p in points]))
+    scale = max(float(drops[-1]), 1.0)
+    return levels, drops + 1e-9 * scale * levels
+
+
+def _interp_drop(levels: np.ndarray, drops: np.ndarray, level: float) -> float:
+    if level > levels[-1]:
+        return float("inf")
+    return float(np.interp(level, levels, drops))
+
+
+def _predicted_drop(profile: Profile, plan_levels: dict) -> float | None:
+    total = 0.0
+    for name, level in plan_levels.items():
+        if isinstance(level, str) or not profile.curve(name):
+            return None
+        total += _interp_drop(*_monotone_curve(profile, name), float(level))
+    return total
+
+
+def _threshold(profile: Profile, budget: Budget) -> tuple[dict[str, float], dict]:
+    names = [t.name for t in profile.targets]
+    params = np.array([profile.target(n).params for n in names], dtype=np.float64)
+    curves = [_monotone_curve(profile, n) for n in names]
+
+    def levels_at(threshold: float) -> np.ndarray:
+        return np.array([float(np.interp(threshold, drops, levels)) for levels, drops in curves])
+
+    def sparsity_at(threshold: float) -> float:
+        return float((levels_at(threshold) * params).sum() / params.sum())
+
+    high = max(float(drops[-1]) for _, drops in curves)
+    most = sparsity_at(high)
+    if most < budget.sparsity - 1e-9:
+        largest = max(float(levels[-1]) for levels, _ in curves)
+        raise PrunescopeError(
+            f"budget unreachable: {budget.sparsity:.1%} sparsity asked, but the scanned levels (up to {largest:g}) "
+            f"allow at most {most:.1%} of prunable parameters; scan higher levels or lower the budget"
+        )
+    low = 0.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        if sparsity_at(middle) < budget.sparsity:
+            low = middle
+        else:
+            high = middle
+        if high - low <= 1e-12 * max(1.0, high):
+            break
+    chosen = levels_at(high)
+    return {n: float(level) for n, level in zip(names, chosen)}, {"threshold": high}
+
+
+def _global_magnitude(profile: Profile, budget: Budget, model: torch.nn.Module | None) -> dict[str, float]:
+    if model is None:
+        raise PrunescopeError("method 'global_magnitude' needs the model: allocate(profile, budget, 'global_magnitude', model=model)")
+    magnitudes = {t.name: weight_of(model, t).detach().abs().reshape(-1).float() for t in profile.targets}
+    everything = torch.cat(list(magnitudes.values()))
+    remove = int(round(budget.sparsity * everything.numel()))
+    if remove == 0:
+        return {name: 0.0 for name in magnitudes}
+    threshold = torch.kthvalue(everything, remove).values
+    below = {n: int((m < threshold).sum()) for n, m in magnitudes.items()}
+    left = remove - sum(below.values())
+    levels = {}
+    for name, values in magnitudes.items():  # ties at the threshold go to targets in order
+        ties = min(left, int((values == threshold).sum()))
+        left -= ties
+        levels[name] = (below[name] + ties) / values.numel()
+    return levels

@@ -1,0 +1,92 @@
+"""Apply a Plan: masks that live in the state_dict, and baking them into plain weights."""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import PrunescopeError
+from .masks import keep_mask
+from .plan import Plan
+from .targets import prunable_modules
+
+MODES = ("mask",)
+
+
+class WeightMask(nn.Module):
+    """Parametrization ``weight -> weight * mask``; the mask is a buffer, so it is saved and loaded."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def apply(model: nn.Module, plan: Plan, mode: str = "mask", *, inplace: bool = False, seed: int = 0) -> nn.Module:
+    """Prune ``model`` as ``plan`` says and return it (a copy unless ``inplace``).
+
+    ``mode="mask"`` registers a :class:`WeightMask` parametrization on each planned weight: the
+    model computes with masked weights, the masks appear in ``state_dict()`` as
+    ``<module>.parametrizations.weight.0.mask``, and gradients reach the kept weights only.
+    Masks use the plan's criterion and the same seed as ``scan``, so they equal the scanned ones.
+    """
+    if mode not in MODES:
+        raise PrunescopeError(f"unknown apply mode {mode!r}; accepted: {', '.join(MODES)}")
+    result = model if inplace else copy.deepcopy(model)
+    modules = dict(prunable_modules(result))
+    missing = [name for name in plan.levels if name not in modules]
+    if missing:
+        raise PrunescopeError(f"plan names layers this model does not have: {', '.join(missing[:5])}")
+    for name, level in plan.levels.items():
+        if level == 0:
+            continue
+        module = modules[name]
+        if parametrize.is_parametrized(module, "weight"):
+            raise PrunescopeError(f"{name}.weight is already masked; call make_permanent first")
+        input_dim = 0 if type(module).__name__ == "Conv1D" else 1
+        mask = keep_mask(module.weight, level, plan.criterion, input_dim, seed=seed, key=name)
+        parametrize.register_parametrization(module, "weight", WeightMask(mask))
+    return result
+
+
+def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The keep-mask of every masked weight, by module name."""
+    return {
+        name: module.parametrizations.weight[0].mask
+        for name, module in model.named_modules()
+        if parametrize.is_parametrized(module, "weight") and isinstance(module.parametrizations.weight[0], WeightMask)
+    }
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Bake every mask into its weight (zeros stay zeros) and remove the parametrizations, in place."""
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
+
+
+def load_masked(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load a masked model's ``state_dict`` into a fresh, unmasked model of the same architecture."""
+    suffix = ".parametrizations.weight.0.mask"
+    modules = dict(model.named_modules())
+    for key, mask in state_dict.items():
+        if key.endswith(suffix):
+            name = key[: -len(suffix)]
+            if name not in modules:
+                raise PrunescopeError(f"state_dict masks {name!r}, which this model does not have")
+            if not parametrize.is_parametrized(modules[name], "weight"):
+                parametrize.register_parametrization(modules[name], "weight", WeightMask(mask))
+    model.load_state_dict(state_dict)
+    return model
+
+
+def sparsity_of(model: nn.Module) -> dict[str, float]:
+    """Fraction of exact zeros in each prunable weight (masked or permanent), by module name."""
+    return {name: float((module.weight == 0).float().mean()) for name, module in prunable_modules(model)}

@@ -1,0 +1,146 @@
+"""Evaluator: a fixed list of batches and a per-sample metric, run on the dense or a pruned model."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from .batches import batch_fingerprint_tensors, logits_of, run_model
+from .errors import PrunescopeError
+from .metrics import Metric, resolve_metric
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-sample values and weights of one evaluation pass, and the aggregate metric."""
+
+    metric: str
+    values: np.ndarray
+    weights: np.ndarray
+    value: float
+
+    @property
+    def samples(self) -> int:
+        return int(self.values.size)
+
+
+class Evaluator:
+    """A reproducible evaluation: the same batches, in the same order, every time.
+
+    Args:
+        model: the dense model; its outputs are the reference for ``metric="kl"``.
+        batches: an iterable of batches (tensor, ``(inputs, labels)``, or a dict of model kwargs);
+            it is read once and kept as a list.
+        metric: ``"accuracy"``, ``"loss"`` (cross-entropy, nats), ``"perplexity"`` (causal LM,
+            token level), ``"kl"`` (KL(dense || model) in nats, needs no labels), or a callable
+            ``(output, batch) -> per-sample tensor`` with ``higher_is_better`` given.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batches: Iterable[Any],
+        metric: str | Metric | Callable = "accuracy",
+        *,
+        higher_is_better: bool | None = None,
+    ) -> None:
+        if batches is None:
+            raise PrunescopeError("batches is None: give a non-empty list or iterable of batches")
+        self.batches = list(batches)
+        if not self.batches:
+            raise PrunescopeError("the data iterable is empty (or already exhausted): give at least one batch")
+        self.model = model
+        self.metric = resolve_metric(metric, higher_is_better)
+        self._reference: list[torch.Tensor] | None = None
+        self._dense: Evaluation | None = None
+        self._fingerprint: str | None = None
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric.higher_is_better
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of every tensor in every batch (shapes, dtypes and bytes) and the metric name."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(self.metric.name.encode())
+            for batch in self.batches:
+                for tensor in batch_fingerprint_tensors(batch):
+                    digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+                    digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    @property
+    def dense(self) -> Evaluation:
+        """The dense model's evaluation, computed once; refuses a non-finite metric."""
+        if self._dense is None:
+            if self.metric.needs_reference and self._reference is None:
+                self._reference = self._outputs(self.model)
+            evaluation = self.evaluate(self.model)
+            if not math.isfinite(evaluation.value) or not np.isfinite(evaluation.values).all():
+                raise PrunescopeError(
+                    f"metric {self.metric.name!r} is not finite on the dense model ({evaluation.value}); "
+                    "check the data, labels and metric"
+                )
+            self._dense = evaluation
+        return self._dense
+
+    def _outputs(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        with _eval_mode(model), torch.no_grad():
+            return [logits_of(self._forward(model, i, batch)).detach().clone() for i, batch in enumerate(self.batches)]
+
+    def _forward(self, model: torch.nn.Module, index: int, batch: Any) -> Any:
+        try:
+            return run_model(model, batch)
+        except PrunescopeError:
+            raise
+        except Exception as error:  # the user's model failed: show its error once, briefly
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise PrunescopeError(
+                f"the model's forward failed on batch {index}: {type(error).__name__}: {message[:300]}"
+            ) from error
+
+    def evaluate(self, model: torch.nn.Module | None = None) -> Evaluation:
+        """Run ``model`` (default: the dense model) over every batch in eval mode, without gradients."""
+        model = self.model if model is None else model
+        if self.metric.needs_reference and self._reference is None:
+            self._reference = self._outputs(self.model)
+        values, weights = [], []
+        with _eval_mode(model), torch.no_grad():
+            for index, batch in enumerate(self.batches):
+                output = self._forward(model, index, batch)
+                reference = self._reference[index] if self._reference is not None else None
+                batch_values, batch_weights = self.metric.per_sample(output, batch, reference)
+                values.append(torch.as_tensor(batch_values, dtype=torch.float64).reshape(-1))
+                weights.append(torch.as_tensor(batch_weights, dtype=torch.float64).reshape(-1))
+        all_values = torch.cat(values).numpy()
+        all_weights = torch.cat(weights).numpy()
+        mean = float((all_values * all_weights).sum() / all_weights.sum())
+        return Evaluation(self.metric.name, all_values, all_weights, self.metric.aggregate(mean))
+
+
+class _eval_mode:
+    """Put every module in eval mode and restore each module's own flag on exit."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.flags: list[tuple[torch.nn.Module, bool]] = []
+
+    def __enter__(self) -> None:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for module, flag in self.flags:
+            module.training = flag
+
+
+def evaluate(model: torch.nn.Module, evaluator: Evaluator) -> Evaluation:
+    """Evaluate ``model`` on the evaluator's batches and metric."""
+    return evaluator.evaluate(model)

@@ -1,0 +1,79 @@
+"""Criteria that choose which elements of a weight tensor to remove, as boolean keep-masks."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .errors import PrunescopeError
+from .levels import Level, NMPattern, level_key, parse_level
+
+CRITERIA = ("magnitude", "random")
+
+
+def check_criterion(criterion: str) -> str:
+    if criterion not in CRITERIA:
+        raise PrunescopeError(f"unknown criterion {criterion!r}; accepted: {', '.join(CRITERIA)}")
+    return criterion
+
+
+def _generator(seed: int, key: str, level: Level) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}|{key}|{level_key(level)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def check_nm_compatible(shape: tuple[int, ...], input_dim: int, pattern: NMPattern, name: str = "") -> None:
+    """Refuse an N:M pattern when the input dimension is not a multiple of M."""
+    size = shape[input_dim]
+    if size % pattern.m:
+        raise PrunescopeError(
+            f"level '{pattern}' needs the input dimension of {name or 'the target'} to be a multiple of "
+            f"{pattern.m}; it is {size}. Exclude that target or use a fractional level"
+        )
+
+
+def keep_mask(
+    weight: torch.Tensor,
+    level: Level,
+    criterion: str = "magnitude",
+    input_dim: int = 1,
+    seed: int = 0,
+    key: str = "",
+) -> torch.Tensor:
+    """Boolean mask of the weights to keep (True) under ``level`` and ``criterion``.
+
+    A fraction removes exactly round(level * numel) elements, the smallest |w| for ``"magnitude"``
+    (ties broken by position) or a seeded random choice for ``"random"`` (same seed, key and level,
+    same mask). An :class:`NMPattern` keeps N of every M consecutive weights along ``input_dim``.
+    """
+    check_criterion(criterion)
+    parsed = parse_level(level)
+    with torch.no_grad():
+        if isinstance(parsed, NMPattern):
+            return _nm_mask(weight, parsed, criterion, input_dim, _generator(seed, key, parsed))
+        flat = weight.detach().reshape(-1)
+        remove = int(round(parsed * flat.numel()))
+        mask = torch.ones(flat.numel(), dtype=torch.bool)
+        if remove:
+            if criterion == "magnitude":
+                order = torch.argsort(flat.abs().float().cpu(), stable=True)
+            else:
+                order = torch.randperm(flat.numel(), generator=_generator(seed, key, parsed))
+            mask[order[:remove]] = False
+        return mask.view(weight.shape).to(weight.device)
+
+
+def _nm_mask(weight: torch.Tensor, pattern: NMPattern, criterion: str, input_dim: int, gen: torch.Generator) -> torch.Tensor:
+    check_nm_compatible(tuple(weight.shape), input_dim, pattern)
+    moved = weight.detach().movedim(input_dim, -1)
+    groups = moved.reshape(-1, pattern.m)
+    if criterion == "magnitude":
+        scores = groups.abs().float().cpu()
+        # stable: equal magnitudes keep the earlier position
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    else:
+        order = torch.argsort(torch.rand(groups.shape, generator=gen), dim=1)
+    mask = torch.zeros(groups.shape, dtype=torch.bool)
+    mask.scatter_(1, order[:, : pattern.n], True)
+    return mask.view(moved.shape).movedim(-1, input_dim).contiguous().to(weight.device)

@@ -1,0 +1,143 @@
+"""Per-sample metrics. Each returns one value and one weight per sample so changes can be paired.
+
+The aggregate of a metric is the weighted mean of its per-sample values, passed through
+``transform`` (``exp`` for perplexity, whose per-sample values are mean token NLLs in nats).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .batches import logits_of, split_batch
+from .errors import PrunescopeError
+
+PerSample = Callable[[Any, Any, Any], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named per-sample metric.
+
+    ``per_sample(output, batch, reference)`` returns (values, weights), each of shape [samples];
+    ``reference`` is the dense model's logits on the same batch when ``needs_reference``.
+    """
+
+    name: str
+    per_sample: PerSample
+    higher_is_better: bool
+    needs_reference: bool = False
+    log_scale: bool = False
+    """True when per-sample values are logs and the aggregate is exp(weighted mean)."""
+
+    def aggregate(self, mean: float) -> float:
+        """The metric value from the weighted mean of per-sample values."""
+        return math.exp(mean) if self.log_scale else mean
+
+
+def _labels(batch: Any) -> torch.Tensor:
+    _, kwargs, labels = split_batch(batch)
+    if labels is None:
+        raise PrunescopeError("this metric needs labels: give batches as (inputs, labels); use metric='kl' without labels")
+    return labels
+
+
+def _accuracy(output: Any, batch: Any, _ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits_of(output)
+    labels = _labels(batch)
+    correct = (logits.argmax(dim=-1) == labels).to(torch.float64)
+    if correct.dim() > 1:  # token classification: mean per sample
+        correct = correct.flatten(1).mean(dim=1)
+    return correct, torch.ones_like(correct)
+
+
+def _loss(output: Any, batch: Any, _ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits_of(output)
+    labels = _labels(batch)
+    if logits.dim() == 2:
+        values = F.cross_entropy(logits.float(), labels, reduction="none").to(torch.float64)
+        return values, torch.ones_like(values)
+    return _token_nll(logits, labels, shift=False)
+
+
+def _token_nll(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NLL per sequence (nats/token) and its token count; labels of -100 are ignored."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", ignore_index=-100
+    ).view(labels.shape)
+    counted = (labels != -100).to(torch.float64)
+    tokens = counted.sum(dim=1)
+    if bool((tokens == 0).any()):
+        raise PrunescopeError("a sequence has no scored tokens (all labels -100 or length 1)")
+    return (nll.to(torch.float64) * counted).sum(dim=1) / tokens, tokens
+
+
+def _perplexity(output: Any, batch: Any, _ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits_of(output)
+    args, kwargs, labels = split_batch(batch)
+    if labels is None:
+        labels = kwargs.get("input_ids", args[0] if args else None)
+        if labels is None:
+            raise PrunescopeError("perplexity needs input_ids or labels in the batch")
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, -100)
+    if logits.dim() != 3:
+        raise PrunescopeError(f"perplexity needs causal-LM logits [batch, tokens, vocab]; got shape {tuple(logits.shape)}")
+    return _token_nll(logits, labels, shift=True)
+
+
+def _kl(output: Any, _batch: Any, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits_of(output).float()
+    dense_logp = reference.float()
+    logp = F.log_softmax(logits, dim=-1)
+    ref_logp = F.log_softmax(dense_logp, dim=-1)
+    per_position = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1).to(torch.float64)
+    if per_position.dim() == 1:
+        return per_position, torch.ones_like(per_position)
+    per_position = per_position.flatten(1)
+    weights = torch.full((per_position.shape[0],), float(per_position.shape[1]), dtype=torch.float64)
+    return per_position.mean(dim=1), weights
+
+
+BUILTIN_METRICS: dict[str, Metric] = {
+    "accuracy": Metric("accuracy", _accuracy, higher_is_better=True),
+    "loss": Metric("loss", _loss, higher_is_better=False),
+    "perplexity": Metric("perplexity", _perplexity, higher_is_better=False, log_scale=True),
+    "kl": Metric("kl", _kl, higher_is_better=False, needs_reference=True),
+}
+
+
+def resolve_metric(metric: str | Metric | Callable, higher_is_better: bool | None = None) -> Metric:
+    """Turn a name, a :class:`Metric` or a user callable into a :class:`Metric`.
+
+    A user callable takes ``(output, batch)`` and returns one value per sample (a 1-D tensor);
+    ``higher_is_better`` must then be given.
+    """
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, str):
+        if metric not in BUILTIN_METRICS:
+            raise PrunescopeError(f"unknown metric {metric!r}; accepted: {', '.join(BUILTIN_METRICS)} or a callable")
+        return BUILTIN_METRICS[metric]
+    if callable(metric):
+        if higher_is_better is None:
+            raise PrunescopeError("a callable metric needs higher_is_better=True or False")
+        name = getattr(metric, "__name__", "custom")
+
+        def per_sample(output: Any, batch: Any, _ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            values = torch.as_tensor(metric(output, batch)).detach().to(torch.float64)
+            if values.dim() != 1:
+                raise PrunescopeError(
+                    f"metric {name!r} must return one value per sample (a 1-D tensor); got shape {tuple(values.shape)}"
+                )
+            return values, torch.ones_like(values)
+
+        return Metric(name, per_sample, higher_is_better=bool(higher_is_better))
+    raise PrunescopeError(f"metric must be one of {', '.join(BUILTIN_METRICS)} or a callable; got {metric!r}")

@@ -1,0 +1,180 @@
+"""Profile: the metric change per (target, level), with uncertainty and provenance."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_text_atomic
+from .errors import PrunescopeError
+from .levels import NMPattern, parse_level
+from .targets import Target
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measured (or estimated) cell: ``target`` pruned at ``level``, everything else dense.
+
+    ``value`` is the metric with the cell pruned; ``change`` is value minus dense, on the metric's
+    own scale; ``ci_low``/``ci_high`` bound ``change`` (None with a single sample).
+    """
+
+    target: str
+    level: str
+    sparsity: float
+    value: float
+    change: float
+    ci_low: float | None
+    ci_high: float | None
+    samples: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Cell":
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+@dataclass
+class Profile:
+    """Sensitivity of each target to removal by ``criterion``, measured at each level."""
+
+    metric: str
+    higher_is_better: bool
+    dense_value: float
+    criterion: str
+    granularity: str
+    levels: list[str]
+    targets: list[Target]
+    cells: list[Cell]
+    kind: str = "measured"
+    confidence: float = 0.95
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    # ---- queries -------------------------------------------------------------------------
+    def drop(self, cell: Cell) -> float:
+        """How much worse the metric got (positive = worse), whatever its direction."""
+        return -cell.change if self.higher_is_better else cell.change
+
+    def cell(self, target: str, level: str) -> Cell | None:
+        for cell in self.cells:
+            if cell.target == target and cell.level == level:
+                return cell
+        return None
+
+    def target(self, name: str) -> Target:
+        for target in self.targets:
+            if target.name == name:
+                return target
+        raise PrunescopeError(f"target {name!r} is not in this profile")
+
+    def curve(self, target: str) -> list[tuple[float, float]]:
+        """(fraction removed, drop) for the fractional levels measured on ``target``, ascending."""
+        points = [
+            (cell.sparsity, self.drop(cell))
+            for cell in self.cells
+            if cell.target == target and not isinstance(parse_level(cell.level), NMPattern)
+        ]
+        return sorted(points)
+
+    # ---- JSON ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["targets"] = [t.to_dict() for t in self.targets]
+        data["cells"] = [c.to_dict() for c in self.cells]
+        return {"format": "prunescope.profile", "version": FORMAT_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Profile":
+        if data.get("format") != "prunescope.profile":
+            raise PrunescopeError("not a prunescope profile (missing format: prunescope.profile)")
+        kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        kwargs["targets"] = [Target.from_dict(t) for t in data["targets"]]
+        kwargs["cells"] = [Cell.from_dict(c) for c in data["cells"]]
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Profile":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON (or CSV when the path ends in .csv) atomically."""
+        path = Path(path)
+        return write_text_atomic(path, self.to_csv() if path.suffix == ".csv" else self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        path = Path(path)
+        if not path.exists():
+            raise PrunescopeError(f"profile file {path} does not exist")
+        text = path.read_text()
+        return cls.from_csv(text) if path.suffix == ".csv" else cls.from_json(text)
+
+    # ---- CSV: one row per cell; profile fields in a leading '# prunescope-profile' comment line
+    _CSV_TARGET = ("kind", "shape", "params", "flops", "input_dim", "granularity", "parameter")
+
+    def to_csv(self) -> str:
+        meta = {k: v for k, v in self.to_dict().items() if k != "cells"}
+        measured = {c.target for c in self.cells}
+        meta["target_names"] = [t.name for t in self.targets]
+        meta["targets"] = [t.to_dict() for t in self.targets if t.name not in measured]
+        out = io.StringIO()
+        out.write("# prunescope-profile " + json.dumps(meta) + "\n")
+        columns = [f.name for f in fields(Cell)] + [f"target_{k}" for k in self._CSV_TARGET]
+        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        by_name = {t.name: t.to_dict() for t in self.targets}
+        for cell in self.cells:
+            row = {k: "" if v is None else repr(v) if isinstance(v, float) else v for k, v in cell.to_dict().items()}
+            row.update({f"target_{k}": json.dumps(by_name[cell.target][k]) for k in self._CSV_TARGET})
+            writer.writerow(row)
+        return out.getvalue()
+
+    @classmethod
+    def from_csv(cls, text: str) -> "Profile":
+        first, _, body = text.partition("\n")
+        if not first.startswith("# prunescope-profile "):
+            raise PrunescopeError("not a prunescope profile CSV (missing '# prunescope-profile' first line)")
+        meta = json.loads(first[len("# prunescope-profile ") :])
+        targets = {t["name"]: t for t in meta["targets"]}
+        cells = []
+        for row in csv.DictReader(io.StringIO(body)):
+            optional = {k: float(row[k]) if row[k] else None for k in ("ci_low", "ci_high")}
+            cells.append(
+                Cell(
+                    target=row["target"],
+                    level=row["level"],
+                    sparsity=float(row["sparsity"]),
+                    value=float(row["value"]),
+                    change=float(row["change"]),
+                    samples=int(row["samples"]),
+                    seconds=float(row["seconds"]),
+                    **optional,
+                )
+            )
+            extra = {k: json.loads(row[f"target_{k}"]) for k in cls._CSV_TARGET}
+            targets.setdefault(row["target"], {"name": row["target"], **extra})
+        meta["targets"] = [targets[name] for name in meta.pop("target_names")]
+        meta["cells"] = [c.to_dict() for c in cells]
+        return cls.from_dict(meta)
+
+    def to_dataframe(self):
+        """The cells as a pandas DataFrame (needs pandas), with each target's params and FLOPs."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise PrunescopeError("to_dataframe needs pandas: pip install pandas") from None
+        by_name = {t.name: t for t in self.targets}
+        rows = [{**c.to_dict(), "drop": self.drop(c), "params": by_name[c.target].params, "flops": by_name[c.target].flops} for c in self.cells]
+        return pd.DataFrame(rows)

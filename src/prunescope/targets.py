@@ -1,0 +1,184 @@
+"""Targets: the prunable units of a model, with their cost in parameters and FLOPs."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .batches import run_model
+from .errors import PrunescopeError
+
+GRANULARITIES = ("weight",)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One prunable weight tensor.
+
+    Attributes:
+        name: module path in ``model.named_modules()``.
+        kind: module class name (``Linear``, ``Conv2d``, ``Conv1D`` ...).
+        shape: shape of the weight tensor.
+        params: elements in the weight tensor.
+        flops: FLOPs (2 x multiply-accumulates) of this module for one sample, or None if unmeasured.
+        input_dim: axis of the weight that indexes input features (N:M groups run along it).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    params: int
+    flops: float | None = None
+    input_dim: int = 1
+    granularity: str = "weight"
+    parameter: str = field(default="weight")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Target":
+        return cls(**{**data, "shape": tuple(data["shape"])})
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def _input_dim(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear) or isinstance(module, _CONVS):
+        return 1
+    if _is_hf_conv1d(module):
+        return 0  # GPT-2 Conv1D stores the weight as [in, out]
+    return None
+
+
+def prunable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Linear, Conv1d/2d/3d and Hugging Face Conv1D, in registration order."""
+    return [(name, m) for name, m in model.named_modules() if name and _input_dim(m) is not None]
+
+
+def default_excludes(model: nn.Module) -> dict[str, str]:
+    """Targets left out unless asked for, each with its reason: the output layer (LM head/classifier)."""
+    excluded: dict[str, str] = {}
+    modules = prunable_modules(model)
+    get_output = getattr(model, "get_output_embeddings", None)
+    output_layer = get_output() if callable(get_output) else None
+    if output_layer is not None:
+        for name, module in modules:
+            if module is output_layer:
+                excluded[name] = "LM head / output embeddings"
+    elif modules:
+        excluded[modules[-1][0]] = "final classifier (the last prunable layer)"
+    return excluded
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _check_patterns(patterns: list[str], names: list[str], which: str) -> None:
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            sample = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+            raise PrunescopeError(f"{which} pattern {pattern!r} matches no target; targets are named like: {sample}")
+
+
+def measure_flops(model: nn.Module, example: Any, names: list[str]) -> dict[str, float]:
+    """FLOPs per sample (2 x MACs) of each named module, from one forward pass on ``example``."""
+    modules = dict(model.named_modules())
+    flops: dict[str, float] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            batch = output.shape[0] if output.dim() > 1 else 1
+            per_sample_outputs = output.numel() / batch
+            if isinstance(module, nn.Linear):
+                macs = per_sample_outputs * module.in_features
+            elif isinstance(module, _CONVS):
+                kernel = 1
+                for k in module.kernel_size:
+                    kernel *= k
+                macs = per_sample_outputs * (module.in_channels // module.groups) * kernel
+            else:
+                macs = per_sample_outputs * module.weight.shape[0]
+            flops[name] = flops.get(name, 0.0) + 2.0 * macs
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
+    was_training = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            run_model(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in was_training:
+            module.training = flag
+    return flops
+
+
+def find_targets(
+    model: nn.Module,
+    granularity: str = "weight",
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    example: Any = None,
+) -> list[Target]:
+    """Every prunable weight tensor of ``model`` as a :class:`Target`.
+
+    Args:
+        granularity: ``"weight"`` (elements of a weight tensor; unstructured or N:M).
+        include: glob patterns on module names (``"layer1.*"``); only matching targets are kept.
+        exclude: glob patterns to leave out. ``None`` applies :func:`default_excludes` (the LM head
+            or final classifier); ``[]`` keeps everything.
+        example: one batch; when given, each target's FLOPs per sample are measured on it.
+    """
+    if granularity not in GRANULARITIES:
+        raise PrunescopeError(f"granularity {granularity!r} is not supported; accepted: {', '.join(GRANULARITIES)}")
+    modules = prunable_modules(model)
+    if not modules:
+        raise PrunescopeError("the model has no prunable layer (Linear, Conv1d/2d/3d or HF Conv1D)")
+    names = [name for name, _ in modules]
+    include = [include] if isinstance(include, str) else list(include or [])
+    exclude_patterns = list(default_excludes(model)) if exclude is None else ([exclude] if isinstance(exclude, str) else list(exclude))
+    _check_patterns(include, names, "include")
+    if exclude is not None:
+        _check_patterns(exclude_patterns, names, "exclude")
+    chosen = [(n, m) for n, m in modules if (not include or _matches(n, include)) and not _matches(n, exclude_patterns)]
+    if not chosen:
+        raise PrunescopeError("include/exclude leave no target; loosen the patterns")
+    flops = measure_flops(model, example, [n for n, _ in chosen]) if example is not None else {}
+    return [
+        Target(
+            name=name,
+            kind=type(module).__name__,
+            shape=tuple(module.weight.shape),
+            params=module.weight.numel(),
+            flops=flops.get(name),
+            input_dim=_input_dim(module),
+        )
+        for name, module in chosen
+    ]
+
+
+def weight_of(model: nn.Module, target: Target) -> torch.Tensor:
+    """The live weight tensor of a target (a Parameter of the model)."""
+    try:
+        module = model.get_submodule(target.name)
+    except AttributeError:
+        raise PrunescopeError(f"target {target.name!r} is not a module of this model") from None
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and target.parameter in parametrizations:
+        raise PrunescopeError(f"target {target.name!r} is already masked; call make_permanent(model) first")
+    weight = getattr(module, target.parameter)
+    if tuple(weight.shape) != tuple(target.shape):
+        raise PrunescopeError(f"target {target.name!r} has shape {tuple(weight.shape)}, expected {target.shape}")
+    return weight
