@@ -51,14 +51,19 @@ def allocate(profile: Profile, budget: Budget | float, method: str = "threshold"
 
 def _monotone_curve(profile: Profile, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(levels, drops) from (0, 0) through the measured points, drops made non-decreasing and,
-    by a vanishing slope, strictly increasing so that every threshold maps to one level."""
+    by a vanishing slope, strictly increasing so that every threshold maps to one level.
+    A non-finite drop (NaN, inf: the model broke) counts as worse than any finite one."""
     points = profile.curve(name)
     if not points:
         raise PrunescopeError(f"target {name!r} has no fractional level in the profile; the threshold method needs some")
     levels = np.array([0.0] + [p[0] for p in points])
-    drops = np.maximum.accumulate(np.array([0.0] + [max(p[1], 0.0) for p in points]))
+    raw = np.array([0.0] + [p[1] for p in points], dtype=np.float64)
+    finite = np.isfinite(raw)
+    worst = float(np.abs(raw[finite]).max()) if finite.any() else 1.0
+    raw[~finite] = 2.0 * worst + 1.0
+    drops = np.maximum.accumulate(np.maximum(raw, 0.0))
     scale = max(float(drops[-1]), 1.0)
-    return levels, drops + 1e-9 * scale * levels
+    return levels, drops + 1e-6 * scale * levels
 
 
 def _interp_drop(levels: np.ndarray, drops: np.ndarray, level: float) -> float:
@@ -102,10 +107,10 @@ def _threshold(profile: Profile, budget: Budget) -> tuple[dict[str, float], dict
             low = middle
         else:
             high = middle
-        if high - low <= 1e-12 * max(1.0, high):
+        if high - low <= 1e-15 * max(1.0, high):
             break
     chosen = levels_at(high)
-    return {n: float(level) for n, level in zip(names, chosen)}, {"threshold": high}
+    return {n: float(level) for n, level in zip(names, chosen, strict=True)}, {"threshold": high}
 
 
 def _global_magnitude(profile: Profile, budget: Budget, model: torch.nn.Module | None) -> dict[str, float]:
@@ -124,4 +129,10 @@ def _global_magnitude(profile: Profile, budget: Budget, model: torch.nn.Module |
         ties = min(left, int((values == threshold).sum()))
         left -= ties
         levels[name] = (below[name] + ties) / values.numel()
+    collapsed = [name for name, level in levels.items() if level >= 1.0]
+    if collapsed:  # layer collapse: a whole weight tensor lies under the global threshold
+        raise PrunescopeError(
+            f"global_magnitude at {budget.sparsity:.1%} would remove every weight of {', '.join(collapsed[:5])}; "
+            "exclude that target, lower the budget or use method 'threshold'"
+        )
     return levels

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def make_permanent(model: nn.Module) -> nn.Module:
     """Bake every mask into its weight (zeros stay zeros) and remove the parametrizations, in place."""
-    for name, module in model.named_modules():
+    for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model

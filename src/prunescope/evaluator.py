@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 
 from .batches import batch_fingerprint_tensors, logits_of, run_model
-from .errors import PrunescopeError
+from .errors import PrunescopeError, forward_failed
 from .metrics import Metric, resolve_metric
+from .progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Evaluator:
             for batch in self.batches:
                 for tensor in batch_fingerprint_tensors(batch):
                     digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
-                    digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -101,20 +103,19 @@ class Evaluator:
         except PrunescopeError:
             raise
         except Exception as error:  # the user's model failed: show its error once, briefly
-            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise PrunescopeError(
-                f"the model's forward failed on batch {index}: {type(error).__name__}: {message[:300]}"
-            ) from error
+            raise forward_failed(error, f"batch {index}") from error
 
-    def evaluate(self, model: torch.nn.Module | None = None) -> Evaluation:
-        """Run ``model`` (default: the dense model) over every batch in eval mode, without gradients."""
+    def evaluate(self, model: torch.nn.Module | None = None, progress: bool = False) -> Evaluation:
+        """Run ``model`` (default: the dense model) over every batch in eval mode, without gradients;
+        ``progress`` shows a bar with ETA."""
         model = self.model if model is None else model
         if self.metric.needs_reference and self._reference is None:
             self._reference = self._outputs(self.model)
         values, weights = [], []
-        with _eval_mode(model), torch.no_grad():
+        with _eval_mode(model), torch.no_grad(), progress_bar(len(self.batches), "evaluate", progress) as bar:
             for index, batch in enumerate(self.batches):
                 output = self._forward(model, index, batch)
+                bar.advance(1)
                 reference = self._reference[index] if self._reference is not None else None
                 batch_values, batch_weights = self.metric.per_sample(output, batch, reference)
                 values.append(torch.as_tensor(batch_values, dtype=torch.float64).reshape(-1))

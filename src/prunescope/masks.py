@@ -51,7 +51,7 @@ def keep_mask(
     parsed = parse_level(level)
     with torch.no_grad():
         if isinstance(parsed, NMPattern):
-            return _nm_mask(weight, parsed, criterion, input_dim, _generator(seed, key, parsed))
+            return _nm_mask(weight, parsed, criterion, input_dim, _generator(seed, key, parsed), name=key)
         flat = weight.detach().reshape(-1)
         remove = int(round(parsed * flat.numel()))
         mask = torch.ones(flat.numel(), dtype=torch.bool)
@@ -64,8 +64,10 @@ def keep_mask(
         return mask.view(weight.shape).to(weight.device)
 
 
-def _nm_mask(weight: torch.Tensor, pattern: NMPattern, criterion: str, input_dim: int, gen: torch.Generator) -> torch.Tensor:
-    check_nm_compatible(tuple(weight.shape), input_dim, pattern)
+def _nm_mask(
+    weight: torch.Tensor, pattern: NMPattern, criterion: str, input_dim: int, gen: torch.Generator, name: str = ""
+) -> torch.Tensor:
+    check_nm_compatible(tuple(weight.shape), input_dim, pattern, name)
     moved = weight.detach().movedim(input_dim, -1)
     groups = moved.reshape(-1, pattern.m)
     if criterion == "magnitude":

@@ -7,8 +7,9 @@ The aggregate of a metric is the weighted mean of its per-sample values, passed 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,17 +94,20 @@ def _perplexity(output: Any, batch: Any, _ref: Any) -> tuple[torch.Tensor, torch
     return _token_nll(logits, labels, shift=True)
 
 
-def _kl(output: Any, _batch: Any, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = logits_of(output).float()
-    dense_logp = reference.float()
-    logp = F.log_softmax(logits, dim=-1)
-    ref_logp = F.log_softmax(dense_logp, dim=-1)
+def _kl(output: Any, batch: Any, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(dense || model) in nats per sample; for sequences the mean over positions the
+    attention mask keeps (all positions when there is none)."""
+    logp = F.log_softmax(logits_of(output).float(), dim=-1)
+    ref_logp = F.log_softmax(reference.float(), dim=-1)
     per_position = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1).to(torch.float64)
     if per_position.dim() == 1:
         return per_position, torch.ones_like(per_position)
     per_position = per_position.flatten(1)
-    weights = torch.full((per_position.shape[0],), float(per_position.shape[1]), dtype=torch.float64)
-    return per_position.mean(dim=1), weights
+    _, kwargs, _ = split_batch(batch)
+    mask = kwargs.get("attention_mask")
+    keep = torch.ones_like(per_position) if mask is None else mask.reshape(per_position.shape).to(torch.float64)
+    positions = keep.sum(dim=1)
+    return (per_position * keep).sum(dim=1) / positions.clamp(min=1), positions
 
 
 BUILTIN_METRICS: dict[str, Metric] = {

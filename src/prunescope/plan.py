@@ -44,6 +44,7 @@ class Plan:
     details: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.levels, self.params = dict(self.levels), dict(self.params)
         for name, level in self.levels.items():
             if name not in self.params:
                 raise PrunescopeError(f"plan level for {name!r} has no parameter count")
@@ -63,7 +64,7 @@ class Plan:
         return {"format": "prunescope.plan", "version": FORMAT_VERSION, **data, "sparsity": self.sparsity}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
+    def from_dict(cls, data: dict) -> Plan:
         if data.get("format") != "prunescope.plan":
             raise PrunescopeError("not a prunescope plan (missing format: prunescope.plan)")
         budget = Budget(**data["budget"]) if data.get("budget") else None
@@ -74,14 +75,14 @@ class Plan:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> Path:
         return write_text_atomic(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         if not path.exists():
             raise PrunescopeError(f"plan file {path} does not exist")

@@ -39,7 +39,7 @@ class Cell:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Cell":
+    def from_dict(cls, data: dict) -> Cell:
         return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
@@ -93,7 +93,7 @@ class Profile:
         return {"format": "prunescope.profile", "version": FORMAT_VERSION, **data}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Profile":
+    def from_dict(cls, data: dict) -> Profile:
         if data.get("format") != "prunescope.profile":
             raise PrunescopeError("not a prunescope profile (missing format: prunescope.profile)")
         kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
@@ -105,7 +105,7 @@ class Profile:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "Profile":
+    def from_json(cls, text: str) -> Profile:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> Path:
@@ -114,7 +114,7 @@ class Profile:
         return write_text_atomic(path, self.to_csv() if path.suffix == ".csv" else self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Profile":
+    def load(cls, path: str | Path) -> Profile:
         path = Path(path)
         if not path.exists():
             raise PrunescopeError(f"profile file {path} does not exist")
@@ -142,7 +142,7 @@ class Profile:
         return out.getvalue()
 
     @classmethod
-    def from_csv(cls, text: str) -> "Profile":
+    def from_csv(cls, text: str) -> Profile:
         first, _, body = text.partition("\n")
         if not first.startswith("# prunescope-profile "):
             raise PrunescopeError("not a prunescope profile CSV (missing '# prunescope-profile' first line)")

@@ -74,7 +74,8 @@ def scan(
     cell_store = None
     if store is not None:
         identity = {"model": fingerprint_before, "data": evaluator.fingerprint, "metric": evaluator.metric.name,
-                    "criterion": criterion, "seed": seed, "levels": level_keys, "granularity": "weight"}
+                    "criterion": criterion, "seed": seed, "levels": level_keys, "granularity": "weight",
+                    "confidence": confidence}
         cell_store = CellStore(store, identity)
 
     cells: list[Cell] = []
@@ -82,7 +83,7 @@ def scan(
     with progress_bar(total, "scan", enabled=progress) as bar:
         for target in targets:
             stopped = False
-            for level, key in zip(parsed_levels, level_keys):
+            for level, key in zip(parsed_levels, level_keys, strict=True):
                 fractional = not isinstance(level, NMPattern)
                 if stopped and fractional:
                     bar.advance(1, f"{target.name} skipped past max_drop")

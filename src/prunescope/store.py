@@ -16,7 +16,7 @@ HEADER_KEY = "prunescope_store"
 class CellStore:
     """Append-only JSONL file whose first line records what the scan was run on.
 
-    Opening a store written for a different model, data, metric, criterion, seed or levels is refused.
+    Opening a store written for a different model, data, metric, criterion, seed, levels or confidence is refused.
     A torn last line (a run killed mid-write) is dropped on open.
     """
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .batches import run_model
-from .errors import PrunescopeError
+from .errors import PrunescopeError, forward_failed
 
 GRANULARITIES = ("weight",)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -42,7 +43,7 @@ class Target:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Target":
+    def from_dict(cls, data: dict) -> Target:
         return cls(**{**data, "shape": tuple(data["shape"])})
 
 
@@ -117,6 +118,10 @@ def measure_flops(model: nn.Module, example: Any, names: list[str]) -> dict[str,
         model.eval()
         with torch.no_grad():
             run_model(model, example)
+    except PrunescopeError:
+        raise
+    except Exception as error:  # the user's model failed: say so briefly
+        raise forward_failed(error, "the example batch") from error
     finally:
         for handle in handles:
             handle.remove()

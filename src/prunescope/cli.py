@@ -1,0 +1,231 @@
+"""Command line: prunescope scan | plan | prune | report | demo. A thin shell over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import PrunescopeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pruning sensitivity analysis for PyTorch models.")
+console = Console()
+
+MODEL_HELP = "digits-cnn | torchvision:NAME | hf:PATH | smollm2 | minilm | python:MODULE:FUNCTION"
+DATA_HELP = "digits | pydoc | text:FILE | random:C,H,W"
+
+
+def _fail(error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {error}")
+    raise typer.Exit(2)
+
+
+def _load(model_spec: str, data_spec: str | None, samples: int | None, batch_size: int | None, seq_len: int, first_window: int, split: str, metric: str | None):
+    from .data import load_data
+    from .evaluator import Evaluator
+    from .models import load_model
+
+    started = time.perf_counter()
+    loaded = load_model(model_spec, progress=True)
+    if loaded.evaluator is not None and data_spec is None:
+        evaluator, description = loaded.evaluator, "evaluator from the python factory"
+    else:
+        if data_spec is None:
+            raise PrunescopeError(f"--data is required for model {model_spec!r}; accepted: {DATA_HELP}")
+        data = load_data(data_spec, loaded, samples=samples, batch_size=batch_size, seq_len=seq_len, first_window=first_window, split=split)
+        evaluator, description = Evaluator(loaded.model, data.batches, metric or data.metric), data.description
+    console.print(f"model {model_spec} loaded in {time.perf_counter() - started:.1f}s; data: {description}; metric: {evaluator.metric.name}")
+    return loaded, evaluator
+
+
+def _patterns(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [] if values == ["none"] else values
+
+
+@app.command()
+def scan(
+    model: str = typer.Option("digits-cnn", help=MODEL_HELP),
+    data: str | None = typer.Option("digits", help=DATA_HELP),
+    metric: str | None = typer.Option(None, help="accuracy | loss | perplexity | kl (default: suits the data)"),
+    levels: str = typer.Option("0.1:0.9:0.1", help="comma list (0.3,0.5,2:4) or start:stop:step"),
+    criterion: str = typer.Option("magnitude", help="magnitude | random"),
+    include: list[str] | None = typer.Option(None, help="glob on layer names; repeatable"),
+    exclude: list[str] | None = typer.Option(None, help="glob on layer names; repeatable; 'none' keeps the default-excluded output layer"),
+    store: Path | None = typer.Option(None, help="JSONL file of finished cells; re-run to resume"),
+    out: Path = typer.Option(Path("profile.json"), help="profile file (.json or .csv); a .csv twin is written beside a .json"),
+    max_drop: float | None = typer.Option(None, help="stop a layer's levels once its drop exceeds this (metric units)"),
+    samples: int | None = typer.Option(None, help="images, or token windows for text data"),
+    batch_size: int | None = typer.Option(None),
+    seq_len: int = typer.Option(512, help="tokens per window for text data"),
+    first_window: int = typer.Option(0, help="index of the first token window used"),
+    split: str = typer.Option("val", help="digits split: val | test"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Measure each layer's sensitivity: prune one layer at one level, evaluate, restore."""
+    from .levels import parse_levels_text
+    from .report import profile_table
+    from .scan import scan as run_scan
+    from .targets import default_excludes, find_targets
+
+    try:
+        parsed_levels = parse_levels_text(levels)
+        loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
+        targets = find_targets(loaded.model, include=include, exclude=_patterns(exclude), example=evaluator.batches[0])
+        if exclude is None:
+            skipped = default_excludes(loaded.model)
+            if skipped:
+                console.print("excluded by default (pass --exclude none to keep): " + ", ".join(f"{n} ({r})" for n, r in skipped.items()))
+        console.print(f"{len(targets)} targets x {len(parsed_levels)} levels; dense {evaluator.metric.name} = {evaluator.dense.value:.5g}")
+        started = time.perf_counter()
+        profile = run_scan(loaded.model, evaluator, targets, parsed_levels, criterion, store, max_drop=max_drop, seed=seed, progress=True)
+        profile.provenance.update({"model_spec": model, "data_spec": data})
+        profile.save(out)
+        if out.suffix == ".json":
+            profile.save(out.with_suffix(".csv"))
+    except PrunescopeError as error:
+        _fail(error)
+    console.print(profile_table(profile))
+    console.print(f"scan took {time.perf_counter() - started:.1f}s; wrote {out}")
+
+
+@app.command()
+def plan(
+    profile: Path = typer.Option(Path("profile.json"), help="profile from `prunescope scan`"),
+    sparsity: float = typer.Option(..., help="fraction of prunable parameters to remove, in (0, 1)"),
+    method: str = typer.Option("threshold", help="threshold | uniform | global_magnitude"),
+    model: str | None = typer.Option(None, help="needed by global_magnitude: " + MODEL_HELP),
+    out: Path = typer.Option(Path("plan.json")),
+) -> None:
+    """Turn a profile into a plan that meets a sparsity budget."""
+    from .allocate import allocate
+    from .plan import Budget
+    from .profile import Profile
+    from .report import plan_table
+
+    try:
+        loaded_profile = Profile.load(profile)
+        budget = Budget(sparsity)
+        net = None
+        if method == "global_magnitude":
+            from .models import load_model
+
+            if model is None:
+                raise PrunescopeError("--method global_magnitude needs --model")
+            net = load_model(model).model
+        result = allocate(loaded_profile, budget, method, model=net)
+        result.save(out)
+    except PrunescopeError as error:
+        _fail(error)
+    console.print(plan_table(result))
+    predicted = "" if result.predicted_drop is None else f"; predicted {result.metric} drop (additive) {result.predicted_drop:.4g}"
+    console.print(f"wrote {out}: {result.sparsity:.2%} sparsity{predicted}")
+
+
+@app.command()
+def prune(
+    model: str = typer.Option("digits-cnn", help=MODEL_HELP),
+    plan: Path = typer.Option(Path("plan.json")),
+    data: str | None = typer.Option(None, help="evaluate dense vs pruned on this data: " + DATA_HELP),
+    metric: str | None = typer.Option(None),
+    samples: int | None = typer.Option(None),
+    batch_size: int | None = typer.Option(None),
+    seq_len: int = typer.Option(512),
+    first_window: int = typer.Option(0),
+    split: str = typer.Option("test", help="digits split: val | test"),
+    compare_uniform: bool = typer.Option(False, help="also evaluate a uniform plan at the same sparsity"),
+    out: Path = typer.Option(Path("pruned"), help="folder for model.safetensors, plan.json, summary.json"),
+) -> None:
+    """Apply a plan (masks baked into the weights) and save the pruned weights as safetensors."""
+    from safetensors.torch import save_model
+
+    from .apply import apply, make_permanent
+    from .atomic import write_text_atomic
+    from .plan import Plan
+
+    try:
+        loaded_plan = Plan.load(plan)
+        if data is not None:
+            loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
+        else:
+            from .models import load_model
+
+            loaded, evaluator = load_model(model), None
+        pruned = apply(loaded.model, loaded_plan)
+        results = {"plan_sparsity": loaded_plan.sparsity, "method": loaded_plan.method}
+        if evaluator is not None:
+            started = time.perf_counter()
+            results["dense"] = evaluator.evaluate(progress=True).value
+            results["pruned"] = evaluator.evaluate(pruned, progress=True).value
+            if compare_uniform:
+                uniform = Plan({n: loaded_plan.sparsity for n in loaded_plan.levels}, dict(loaded_plan.params), loaded_plan.criterion, method="uniform")
+                results["uniform"] = evaluator.evaluate(apply(loaded.model, uniform), progress=True).value
+            results["metric"] = evaluator.metric.name
+            results["eval_seconds"] = time.perf_counter() - started
+        make_permanent(pruned)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".model.safetensors.tmp"
+        save_model(pruned, str(tmp))
+        tmp.replace(out / "model.safetensors")
+        loaded_plan.save(out / "plan.json")
+        write_text_atomic(out / "summary.json", json.dumps(results, indent=1))
+    except PrunescopeError as error:
+        _fail(error)
+    table = Table(title=f"{model} pruned by a {loaded_plan.method} plan ({loaded_plan.sparsity:.1%} of prunable weights)")
+    table.add_column("model")
+    table.add_column(results.get("metric", "metric"), justify="right")
+    for key in ("dense", "pruned", "uniform"):
+        if key in results:
+            table.add_row(key if key != "uniform" else "uniform plan, same sparsity", f"{results[key]:.5g}")
+    console.print(table)
+    console.print(f"wrote {out}/model.safetensors, plan.json, summary.json")
+
+
+@app.command()
+def report(
+    profile: Path = typer.Option(Path("profile.json")),
+    plan: Path | None = typer.Option(None, help="mark this plan's levels on the curves"),
+    out: Path = typer.Option(Path("report")),
+) -> None:
+    """Plot sensitivity curves and a heatmap from a profile, and print its table."""
+    from .plan import Plan
+    from .profile import Profile
+    from .report import plan_table, profile_table, write_report
+
+    try:
+        loaded_profile = Profile.load(profile)
+        loaded_plan = Plan.load(plan) if plan else None
+        written = write_report(loaded_profile, out, loaded_plan)
+    except PrunescopeError as error:
+        _fail(error)
+    console.print(profile_table(loaded_profile))
+    if loaded_plan:
+        console.print(plan_table(loaded_plan))
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out")),
+    epochs: int = typer.Option(30, help="training epochs of the digits CNN"),
+    sparsity: float = typer.Option(0.8, help="fraction of prunable weights to remove"),
+    levels: str = typer.Option("0.1:0.9:0.1"),
+) -> None:
+    """Train a CNN on sklearn digits, scan it, plan 80% sparsity, apply, evaluate, and plot."""
+    from .demo import run_demo
+    from .levels import parse_levels_text
+
+    try:
+        run_demo(out, epochs=epochs, sparsity=sparsity, levels=tuple(parse_levels_text(levels)), console=console)
+    except PrunescopeError as error:
+        _fail(error)
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])
