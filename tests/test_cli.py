@@ -3,17 +3,15 @@
 import json
 
 import pytest
+import torch
+from helpers import tiny_llama
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import prunescope as ps
 from prunescope.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def invoke(*args):
@@ -83,3 +81,62 @@ def test_plan_refuses_unreachable_budget(tmp_path):
     result = invoke("plan", "--profile", profile, "--sparsity", 0.8, "--out", tmp_path / "plan.json")
     assert result.exit_code == 2 and "unreachable" in result.output
     assert not (tmp_path / "plan.json").exists()
+
+
+def _save_tiny_hf_llm(folder):
+    """A tiny random Llama and a word-level tokenizer, saved as a plain Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the of and to a in is that for it as with be on not this are by or from".split()
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(folder)
+    tiny_llama().save_pretrained(folder)
+    return words
+
+
+def test_hf_folder_with_text_file_scans_and_prunes(tmp_path):
+    words = _save_tiny_hf_llm(tmp_path / "llm")
+    text = tmp_path / "corpus.txt"
+    generator = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (600,), generator=generator)))
+    profile, plan = tmp_path / "p.json", tmp_path / "plan.json"
+    common = ("--model", f"hf:{tmp_path / 'llm'}", "--data", f"text:{text}", "--samples", 4, "--seq-len", 32)
+    result = invoke("scan", *common, "--levels", "0.3,0.6,2:4", "--out", profile)
+    assert result.exit_code == 0, result.output
+    loaded = ps.Profile.load(profile)
+    assert loaded.metric == "perplexity" and len(loaded.targets) == 14  # 2 blocks x 7 Linear, lm_head excluded
+    assert {c.level for c in loaded.cells} == {"0.3", "0.6", "2:4"}
+    assert invoke("plan", "--profile", profile, "--sparsity", 0.4, "--out", plan).exit_code == 0
+    result = invoke("prune", *common, "--plan", plan, "--out", tmp_path / "pruned")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "pruned" / "summary.json").read_text())
+    assert summary["metric"] == "perplexity" and summary["pruned"] != summary["dense"]
+
+
+def test_torchvision_model_on_random_inputs(tmp_path):
+    out = tmp_path / "p.json"
+    result = invoke("scan", "--model", "torchvision:resnet18", "--data", "random:3,32,32", "--samples", 4,
+                    "--levels", "0.5", "--include", "layer4.*", "--out", out)
+    assert result.exit_code == 0, result.output
+    profile = ps.Profile.load(out)
+    assert profile.metric == "kl" and all(t.name.startswith("layer4.") for t in profile.targets)
+    assert all(c.change >= 0 for c in profile.cells)  # KL to the dense outputs cannot be negative
+
+
+def make_user_model():
+    """A python:MODULE:FUNCTION factory, as a user would write one: returns (model, evaluator)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x = torch.randn(32, 6)
+    return model, ps.Evaluator(model, [(x, x[:, :3].argmax(dim=1))], metric="loss")
+
+
+def test_python_factory_spec_needs_no_data(tmp_path):
+    out = tmp_path / "p.json"
+    result = invoke("scan", "--model", "python:test_cli:make_user_model", "--levels", "0.5", "--out", out)
+    assert result.exit_code == 0, result.output
+    profile = ps.Profile.load(out)
+    assert profile.metric == "loss" and [t.name for t in profile.targets] == ["0"]

@@ -35,6 +35,8 @@ def _load(model_spec: str, data_spec: str | None, samples: int | None, batch_siz
     if loaded.evaluator is not None and data_spec is None:
         evaluator, description = loaded.evaluator, "evaluator from the python factory"
     else:
+        if data_spec is None and model_spec == "digits-cnn":
+            data_spec = "digits"
         if data_spec is None:
             raise PrunescopeError(f"--data is required for model {model_spec!r}; accepted: {DATA_HELP}")
         data = load_data(data_spec, loaded, samples=samples, batch_size=batch_size, seq_len=seq_len, first_window=first_window, split=split)
@@ -52,7 +54,7 @@ def _patterns(values: list[str] | None) -> list[str] | None:
 @app.command()
 def scan(
     model: str = typer.Option("digits-cnn", help=MODEL_HELP),
-    data: str | None = typer.Option("digits", help=DATA_HELP),
+    data: str | None = typer.Option(None, help=DATA_HELP + " (default: digits for digits-cnn)"),
     metric: str | None = typer.Option(None, help="accuracy | loss | perplexity | kl (default: suits the data)"),
     levels: str = typer.Option("0.1:0.9:0.1", help="comma list (0.3,0.5,2:4) or start:stop:step"),
     criterion: str = typer.Option("magnitude", help="magnitude | random"),
