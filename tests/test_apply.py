@@ -127,6 +127,8 @@ def test_apply_refuses_bad_plans(digits_model, plan):
     with pytest.raises(ps.PrunescopeError, match="does not have: nope"):
         ps.apply(digits_model, ps.Plan({"nope": 0.5}, {"nope": 3}))
     with pytest.raises(ps.PrunescopeError, match="unknown apply mode"):
+        ps.apply(digits_model, plan, mode="banana")
+    with pytest.raises(ps.PrunescopeError, match="weight plan applies as mode 'mask'"):
         ps.apply(digits_model, plan, mode="shrink")
     with pytest.raises(ps.PrunescopeError, match="does not have"):
         ps.load_masked(torch.nn.Sequential(torch.nn.Linear(2, 2)), masked.state_dict())

@@ -7,6 +7,7 @@ from .apply import apply, load_masked, make_permanent, masks_of, sparsity_of  # 
 from .errors import PrunescopeError  # noqa: E402
 from .evaluator import Evaluation, Evaluator, evaluate  # noqa: E402
 from .levels import NMPattern, parse_level  # noqa: E402
+from .loading import load  # noqa: E402
 from .masks import keep_mask  # noqa: E402
 from .metrics import Metric  # noqa: E402
 from .plan import Budget, Plan  # noqa: E402
@@ -16,6 +17,6 @@ from .targets import Target, default_excludes, find_targets  # noqa: E402
 
 __all__ = [
     "Budget", "Cell", "Evaluation", "Evaluator", "Metric", "NMPattern", "Plan", "Profile", "PrunescopeError",
-    "Target", "allocate", "apply", "default_excludes", "evaluate", "find_targets", "keep_mask", "load_masked",
+    "Target", "allocate", "apply", "default_excludes", "evaluate", "find_targets", "keep_mask", "load", "load_masked",
     "make_permanent", "masks_of", "parse_level", "scan", "sparsity_of",
 ]

@@ -28,7 +28,13 @@ def allocate(profile: Profile, budget: Budget | float, method: str = "threshold"
     if method not in METHODS:
         raise PrunescopeError(f"unknown allocation method {method!r}; accepted: {', '.join(METHODS)}")
     params = {t.name: t.params for t in profile.targets}
-    if method == "uniform":
+    if profile.granularity != "weight" and method == "global_magnitude":
+        raise PrunescopeError(f"global_magnitude ranks single weights; for {profile.granularity} targets use threshold or uniform")
+    if profile.granularity == "block":
+        if method != "threshold":
+            raise PrunescopeError("blocks are kept or removed whole: use method 'threshold'")
+        levels, details = _blocks(profile, budget)
+    elif method == "uniform":
         levels = {name: budget.sparsity for name in params}
         details: dict = {}
     elif method == "global_magnitude":
@@ -45,7 +51,7 @@ def allocate(profile: Profile, budget: Budget | float, method: str = "threshold"
         budget=budget,
         predicted_drop=predicted,
         metric=profile.metric,
-        details={**details, "predicted_drop_is": "sum of per-target drops (additive assumption)"},
+        details={**details, **_structure_details(profile), "predicted_drop_is": "sum of per-target drops (additive assumption)"},
     )
 
 
@@ -136,3 +142,35 @@ def _global_magnitude(profile: Profile, budget: Budget, model: torch.nn.Module |
             "exclude that target, lower the budget or use method 'threshold'"
         )
     return levels
+
+
+def _blocks(profile: Profile, budget: Budget) -> tuple[dict[str, float], dict]:
+    """Remove whole blocks, least harmful first, until the removed parameters meet the budget."""
+    drops = {}
+    for target in profile.targets:
+        cell = profile.cell(target.name, "1")
+        drops[target.name] = float("inf") if cell is None or not np.isfinite(profile.drop(cell)) else profile.drop(cell)
+    total = sum(t.params for t in profile.targets)
+    levels, removed = {t.name: 0.0 for t in profile.targets}, 0
+    for name in sorted(drops, key=lambda n: (drops[n], n)):
+        if removed >= budget.sparsity * total:
+            break
+        levels[name] = 1.0
+        removed += profile.target(name).params
+    if removed < budget.sparsity * total:
+        raise PrunescopeError(f"budget unreachable: removing every block removes {removed / total:.1%}; lower the budget")
+    return levels, {"removed_blocks": [n for n, lv in levels.items() if lv == 1.0]}
+
+
+def _structure_details(profile: Profile) -> dict:
+    """What apply needs to rebuild a structured plan's removals: the unit groups, head mode, rounding."""
+    if profile.granularity == "weight":
+        return {}
+    from .structured import head_mode_of
+
+    return {
+        "groups": {t.name: t.group.to_dict() for t in profile.targets},
+        "head_mode": head_mode_of(profile.targets),
+        "round_to": profile.provenance.get("round_to"),
+        "seed": profile.provenance.get("seed", 0),
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from .masks import keep_mask
 from .plan import Plan
 from .targets import prunable_modules
 
-MODES = ("mask",)
+MODES = ("mask", "shrink")
 
 
 class WeightMask(nn.Module):
@@ -28,16 +29,28 @@ class WeightMask(nn.Module):
         return weight * self.mask
 
 
-def apply(model: nn.Module, plan: Plan, mode: str = "mask", *, inplace: bool = False, seed: int = 0) -> nn.Module:
+def apply(
+    model: nn.Module, plan: Plan, mode: str = "mask", *, inplace: bool = False, seed: int = 0, example: Any = None
+) -> nn.Module:
     """Prune ``model`` as ``plan`` says and return it (a copy unless ``inplace``).
 
-    ``mode="mask"`` registers a :class:`WeightMask` parametrization on each planned weight: the
-    model computes with masked weights, the masks appear in ``state_dict()`` as
-    ``<module>.parametrizations.weight.0.mask``, and gradients reach the kept weights only.
+    ``mode="mask"`` on a weight plan registers a :class:`WeightMask` parametrization on each
+    planned weight: the model computes with masked weights, the masks appear in ``state_dict()``
+    as ``<module>.parametrizations.weight.0.mask``, and gradients reach the kept weights only.
     Masks use the plan's criterion and the same seed as ``scan``, so they equal the scanned ones.
+
+    Structured plans (channel, head, neuron, block) take the same units the scan removed:
+    ``mode="mask"`` emulates their removal in a copy (zeroed consumer columns; a removed block is
+    bypassed by a forward hook, which ``state_dict`` does not carry), and ``mode="shrink"``
+    returns a new, physically smaller model (the input model is never changed). Channel plans
+    trace the model and need ``example`` (one batch).
     """
     if mode not in MODES:
         raise PrunescopeError(f"unknown apply mode {mode!r}; accepted: {', '.join(MODES)}")
+    if plan.granularity != "weight":
+        return _apply_structured(model, plan, mode, inplace, example)
+    if mode == "shrink":
+        raise PrunescopeError("mode 'shrink' removes structured units; a weight plan applies as mode 'mask'")
     result = model if inplace else copy.deepcopy(model)
     modules = dict(prunable_modules(result))
     missing = [name for name in plan.levels if name not in modules]
@@ -52,6 +65,39 @@ def apply(model: nn.Module, plan: Plan, mode: str = "mask", *, inplace: bool = F
         input_dim = 0 if type(module).__name__ == "Conv1D" else 1
         mask = keep_mask(module.weight, level, plan.criterion, input_dim, seed=seed, key=name)
         parametrize.register_parametrization(module, "weight", WeightMask(mask))
+    return result
+
+
+def _apply_structured(model: nn.Module, plan: Plan, mode: str, inplace: bool, example: Any) -> nn.Module:
+    from .structure import UnitGroup
+    from .structured import mask_target, shrink, units_removed
+    from .targets import Target
+
+    groups = plan.details.get("groups")
+    if not groups:
+        raise PrunescopeError(f"this {plan.granularity} plan has no unit groups; make it with allocate() from a scan profile")
+    head_mode = plan.details.get("head_mode", "kv_group")
+    unknown = [name for name in plan.levels if name not in groups]
+    if unknown:
+        raise PrunescopeError(f"plan levels name groups it has no description of: {', '.join(unknown[:5])}")
+    targets = [
+        Target(name=name, kind=plan.granularity, shape=(groups[name]["units"],), params=plan.params[name], input_dim=0,
+               granularity=plan.granularity, parameter="", group=UnitGroup.from_dict(groups[name]))
+        for name in plan.levels
+    ]
+    removals = {
+        t.name: units_removed(model, t, float(plan.levels[t.name]), plan.criterion, plan.details.get("seed", 0), plan.details.get("round_to"))
+        for t in targets
+        if plan.levels.get(t.name, 0) > 0
+    }
+    if mode == "shrink":
+        if inplace:
+            raise PrunescopeError("mode 'shrink' builds a new model; inplace=True is not accepted with it")
+        return shrink(model, targets, removals, example, head_mode)
+    result = model if inplace else copy.deepcopy(model)
+    for target in targets:
+        if target.name in removals:
+            mask_target(result, target, removals[target.name])
     return result
 
 

@@ -57,7 +57,10 @@ def scan(
     data: str | None = typer.Option(None, help=DATA_HELP + " (default: digits for digits-cnn)"),
     metric: str | None = typer.Option(None, help="accuracy | loss | perplexity | kl (default: suits the data)"),
     levels: str = typer.Option("0.1:0.9:0.1", help="comma list (0.3,0.5,2:4) or start:stop:step"),
-    criterion: str = typer.Option("magnitude", help="magnitude | random"),
+    criterion: str = typer.Option("magnitude", help="magnitude | random; structured: magnitude (= l2) | l1 | l2 | bn_scale | random"),
+    granularity: str = typer.Option("weight", help="weight | channel | head | neuron | block"),
+    head_mode: str = typer.Option("kv_group", help="heads: kv_group (a KV group with its query heads) | query"),
+    round_to: int | None = typer.Option(None, help="structured: keep unit counts a multiple of this"),
     include: list[str] | None = typer.Option(None, help="glob on layer names; repeatable"),
     exclude: list[str] | None = typer.Option(None, help="glob on layer names; repeatable; 'none' keeps the default-excluded output layer"),
     store: Path | None = typer.Option(None, help="JSONL file of finished cells; re-run to resume"),
@@ -79,14 +82,16 @@ def scan(
     try:
         parsed_levels = parse_levels_text(levels)
         loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
-        targets = find_targets(loaded.model, include=include, exclude=_patterns(exclude), example=evaluator.batches[0])
-        if exclude is None:
+        targets = find_targets(loaded.model, granularity, include=include, exclude=_patterns(exclude),
+                               example=evaluator.batches[0], head_mode=head_mode)
+        if exclude is None and granularity == "weight":
             skipped = default_excludes(loaded.model)
             if skipped:
                 console.print("excluded by default (pass --exclude none to keep): " + ", ".join(f"{n} ({r})" for n, r in skipped.items()))
         console.print(f"{len(targets)} targets x {len(parsed_levels)} levels; dense {evaluator.metric.name} = {evaluator.dense.value:.5g}")
         started = time.perf_counter()
-        profile = run_scan(loaded.model, evaluator, targets, parsed_levels, criterion, store, max_drop=max_drop, seed=seed, progress=True)
+        profile = run_scan(loaded.model, evaluator, targets, parsed_levels, criterion, store, max_drop=max_drop, seed=seed,
+                           round_to=round_to, progress=True)
         profile.provenance.update({"model_spec": model, "data_spec": data})
         profile.save(out)
         if out.suffix == ".json":
@@ -142,14 +147,16 @@ def prune(
     first_window: int = typer.Option(0),
     split: str = typer.Option("test", help="digits split: val | test"),
     compare_uniform: bool = typer.Option(False, help="also evaluate a uniform plan at the same sparsity"),
+    mode: str = typer.Option("mask", help="mask (zeros baked into the weights) | shrink (structured plans: a smaller model)"),
     out: Path = typer.Option(Path("pruned"), help="folder for model.safetensors, plan.json, summary.json"),
 ) -> None:
-    """Apply a plan (masks baked into the weights) and save the pruned weights as safetensors."""
+    """Apply a plan and save the pruned model: masked weights, or a physically smaller model."""
     from safetensors.torch import save_model
 
     from .apply import apply, make_permanent
     from .atomic import write_text_atomic
     from .plan import Plan
+    from .structured import nonzero_parameters
 
     try:
         loaded_plan = Plan.load(plan)
@@ -159,22 +166,32 @@ def prune(
             from .models import load_model
 
             loaded, evaluator = load_model(model), None
-        pruned = apply(loaded.model, loaded_plan)
-        results = {"plan_sparsity": loaded_plan.sparsity, "method": loaded_plan.method}
+        example = evaluator.batches[0] if evaluator is not None else None
+        if loaded_plan.granularity == "channel" and example is None:
+            raise PrunescopeError("a channel plan traces the model: give --data")
+        example_inputs = example[0] if isinstance(example, (tuple, list)) else example
+        pruned = apply(loaded.model, loaded_plan, mode, example=example_inputs)
+        results = {"plan_sparsity": loaded_plan.sparsity, "method": loaded_plan.method, "mode": mode,
+                   "params_dense": nonzero_parameters(loaded.model)}
         if evaluator is not None:
             started = time.perf_counter()
             results["dense"] = evaluator.evaluate(progress=True).value
             results["pruned"] = evaluator.evaluate(pruned, progress=True).value
             if compare_uniform:
-                uniform = Plan({n: loaded_plan.sparsity for n in loaded_plan.levels}, dict(loaded_plan.params), loaded_plan.criterion, method="uniform")
-                results["uniform"] = evaluator.evaluate(apply(loaded.model, uniform), progress=True).value
+                uniform = Plan({n: loaded_plan.sparsity for n in loaded_plan.levels}, dict(loaded_plan.params), loaded_plan.criterion,
+                               loaded_plan.granularity, method="uniform", details=loaded_plan.details)
+                results["uniform"] = evaluator.evaluate(apply(loaded.model, uniform, mode, example=example_inputs), progress=True).value
             results["metric"] = evaluator.metric.name
             results["eval_seconds"] = time.perf_counter() - started
-        make_permanent(pruned)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".model.safetensors.tmp"
-        save_model(pruned, str(tmp))
-        tmp.replace(out / "model.safetensors")
+        if mode == "shrink":
+            _save_shrunk(pruned, loaded, out)
+        else:
+            make_permanent(pruned)
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / ".model.safetensors.tmp"
+            save_model(pruned, str(tmp))
+            tmp.replace(out / "model.safetensors")
+        results["params_pruned"] = nonzero_parameters(pruned)
         loaded_plan.save(out / "plan.json")
         write_text_atomic(out / "summary.json", json.dumps(results, indent=1))
     except PrunescopeError as error:
@@ -182,11 +199,25 @@ def prune(
     table = Table(title=f"{model} pruned by a {loaded_plan.method} plan ({loaded_plan.sparsity:.1%} of prunable weights)")
     table.add_column("model")
     table.add_column(results.get("metric", "metric"), justify="right")
+    table.add_column("non-zero parameters", justify="right")
     for key in ("dense", "pruned", "uniform"):
         if key in results:
-            table.add_row(key if key != "uniform" else "uniform plan, same sparsity", f"{results[key]:.5g}")
+            params = f"{results['params_' + key]:,}" if "params_" + key in results else ""
+            table.add_row(key if key != "uniform" else "uniform plan, same sparsity", f"{results[key]:.5g}", params)
     console.print(table)
     console.print(f"wrote {out}/model.safetensors, plan.json, summary.json")
+
+
+def _save_shrunk(model, loaded, out: Path) -> None:
+    """Save a shrunk model with the spec that rebuilds it (safetensors + JSON, no pickle)."""
+    from .structure import save_shrunk, save_shrunk_channels
+
+    if hasattr(model, "config") and hasattr(model, "save_pretrained"):
+        save_shrunk(model, out, loaded.model)
+        return
+    origins = {"digits-cnn": "prunescope:digits_cnn"}
+    origin = origins.get(loaded.spec, loaded.spec)
+    save_shrunk_channels(model, out, origin)
 
 
 @app.command()

@@ -82,6 +82,7 @@ def train_digits_cnn(epochs: int = 30, width: int = 32, seed: int = 0, progress:
                 optimizer.step()
             scheduler.step()
             bar.advance(1, f"epoch {epoch + 1} loss {loss.item():.3f}")
+    model.zero_grad(set_to_none=True)
     model.eval()
     return model
 

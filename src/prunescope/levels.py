@@ -94,3 +94,8 @@ def parse_levels_text(text: str) -> list[float | NMPattern]:
         count = int(round((stop - start) / step)) + 1
         return parse_levels(round(start + i * step, 10) for i in range(count))
     return parse_levels(parts)
+
+
+def is_nm_key(key: str) -> bool:
+    """True for the key of an N:M level ("2:4"), False for a fraction ("0.5") or a whole block ("1")."""
+    return ":" in key

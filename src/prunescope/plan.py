@@ -48,6 +48,11 @@ class Plan:
         for name, level in self.levels.items():
             if name not in self.params:
                 raise PrunescopeError(f"plan level for {name!r} has no parameter count")
+            if self.granularity == "block":
+                if level not in (0, 1):
+                    raise PrunescopeError(f"a block is kept (0) or removed (1); plan gives {name!r} level {level!r}")
+                self.levels[name] = float(level)
+                continue
             parsed = parse_level(level) if level != 0 else 0.0
             self.levels[name] = parsed if isinstance(parsed, float) else str(parsed)
 
@@ -55,7 +60,7 @@ class Plan:
     def sparsity(self) -> float:
         """Fraction of the planned targets' parameters removed."""
         total = sum(self.params.values())
-        removed = sum(level_sparsity(lv) * self.params[n] for n, lv in self.levels.items() if lv != 0)
+        removed = sum((lv if isinstance(lv, float) else level_sparsity(lv)) * self.params[n] for n, lv in self.levels.items())
         return removed / total if total else 0.0
 
     def to_dict(self) -> dict:

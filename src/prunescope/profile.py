@@ -11,7 +11,7 @@ from typing import Any
 
 from .atomic import write_text_atomic
 from .errors import PrunescopeError
-from .levels import NMPattern, parse_level
+from .levels import is_nm_key
 from .targets import Target
 
 FORMAT_VERSION = 1
@@ -81,7 +81,7 @@ class Profile:
         points = [
             (cell.sparsity, self.drop(cell))
             for cell in self.cells
-            if cell.target == target and not isinstance(parse_level(cell.level), NMPattern)
+            if cell.target == target and not is_nm_key(cell.level)
         ]
         return sorted(points)
 
@@ -122,7 +122,7 @@ class Profile:
         return cls.from_csv(text) if path.suffix == ".csv" else cls.from_json(text)
 
     # ---- CSV: one row per cell; profile fields in a leading '# prunescope-profile' comment line
-    _CSV_TARGET = ("kind", "shape", "params", "flops", "input_dim", "granularity", "parameter")
+    _CSV_TARGET = ("kind", "shape", "params", "flops", "input_dim", "granularity", "parameter", "group")
 
     def to_csv(self) -> str:
         meta = {k: v for k, v in self.to_dict().items() if k != "cells"}

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from .atomic import write_bytes_atomic  # noqa: E402
-from .levels import NMPattern, parse_level  # noqa: E402
+from .levels import is_nm_key  # noqa: E402
 from .plan import Plan  # noqa: E402
 from .profile import Profile  # noqa: E402
 
@@ -25,17 +25,13 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return write_bytes_atomic(path, buffer.getvalue())
 
 
-def _fractional_levels(profile: Profile) -> list[str]:
-    return [lv for lv in profile.levels if not isinstance(parse_level(lv), NMPattern)]
-
-
 def plot_sensitivity(profile: Profile, path: str | Path, plan: Plan | None = None) -> Path:
     """Metric vs fraction removed, one line per target with its confidence band; dense as a dashed line.
     With a plan, each target's planned level is marked on its curve."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.95, max(len(profile.targets), 1)))
     for color, target in zip(colors, profile.targets, strict=True):
-        cells = sorted((c for c in profile.cells if c.target == target.name and not isinstance(parse_level(c.level), NMPattern)), key=lambda c: c.sparsity)
+        cells = sorted((c for c in profile.cells if c.target == target.name and not is_nm_key(c.level)), key=lambda c: c.sparsity)
         if not cells:
             continue
         x = [0.0] + [c.sparsity for c in cells]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from .profile import Cell, Profile
 from .progress import progress_bar
 from .stats import paired_change
 from .store import CellStore
+from .structured import BLOCK_LEVEL, mask_target, structured_criterion, units_removed
 from .targets import Target, find_targets, weight_of
 
 
@@ -31,6 +33,7 @@ def scan(
     max_drop: float | None = None,
     seed: int = 0,
     confidence: float = 0.95,
+    round_to: int | None = None,
     progress: bool = False,
 ) -> Profile:
     """Measure the metric change of every (target, level) cell, one cell at a time.
@@ -41,11 +44,16 @@ def scan(
     finished cell; a re-run with the same store skips finished cells. ``max_drop`` stops a
     target's fractional levels once its drop (in metric units, positive = worse) exceeds it.
     The model is left exactly as it was: parameters, buffers, requires_grad and train/eval mode.
+
+    Structured targets (``find_targets(model, "channel" | "head" | "neuron" | "block")``) take a
+    fraction of their units per level, chosen by ``"l1"``, ``"l2"`` (= ``"magnitude"``),
+    ``"bn_scale"`` (channels) or ``"random"``; ``round_to`` keeps the kept count a multiple of it.
+    Removal is emulated exactly (the masked model computes what the shrunk model computes). A block
+    target has one cell, level ``"1"``: the block replaced by the identity.
     """
     if not isinstance(evaluator, Evaluator):
         raise PrunescopeError("evaluator must be a prunescope.Evaluator built on the model and its batches")
     parsed_levels = parse_levels(levels)
-    check_criterion(criterion)
     if max_drop is not None and not max_drop > 0:
         raise PrunescopeError(f"max_drop must be positive (metric units); got {max_drop}")
     if not 0 < confidence < 1:
@@ -55,27 +63,40 @@ def scan(
         targets = find_targets(model, example=evaluator.batches[0])
     if not targets:
         raise PrunescopeError("targets is empty: give at least one Target (see find_targets)")
-    weights = {t.name: weight_of(model, t) for t in targets}
-    for level in parsed_levels:
-        if isinstance(level, NMPattern):
-            for t in targets:
-                check_nm_compatible(t.shape, t.input_dim, level, t.name)
+    granularity = _single_granularity(targets)
+    if granularity == "weight":
+        check_criterion(criterion)
+        weights = {t.name: weight_of(model, t) for t in targets}
+        for level in parsed_levels:
+            if isinstance(level, NMPattern):
+                for t in targets:
+                    check_nm_compatible(t.shape, t.input_dim, level, t.name)
+    else:
+        structured_criterion(criterion)
+        if any(isinstance(level, NMPattern) for level in parsed_levels):
+            raise PrunescopeError(f"N:M levels apply to weights only; {granularity} targets take fractions of their units")
+        if granularity == "block":
+            parsed_levels = [1.0]
+        for t in targets:  # refuse a level that empties a group before any work
+            for level in parsed_levels:
+                units_removed(model, t, level, criterion, seed, round_to)
     dense = evaluator.dense  # refuses a failing forward or a non-finite metric before any file is written
-    level_keys = [level_key(level) for level in parsed_levels]
+    level_keys = [BLOCK_LEVEL] if granularity == "block" else [level_key(level) for level in parsed_levels]
     provenance = {
         "model_sha256": fingerprint_before,
         "data_sha256": evaluator.fingerprint,
         "samples": dense.samples,
         "batches": len(evaluator.batches),
         "seed": seed,
+        "round_to": round_to,
         "prunescope": __version__,
         "torch": torch.__version__,
     }
     cell_store = None
     if store is not None:
         identity = {"model": fingerprint_before, "data": evaluator.fingerprint, "metric": evaluator.metric.name,
-                    "criterion": criterion, "seed": seed, "levels": level_keys, "granularity": "weight",
-                    "confidence": confidence}
+                    "criterion": criterion, "seed": seed, "levels": level_keys, "granularity": granularity,
+                    "confidence": confidence, **({"round_to": round_to} if round_to else {})}
         cell_store = CellStore(store, identity)
 
     cells: list[Cell] = []
@@ -90,7 +111,11 @@ def scan(
                     continue
                 cell = cell_store.get(target.name, key) if cell_store else None
                 if cell is None:
-                    cell = _measure_cell(model, evaluator, target, weights[target.name], level, key, criterion, seed, confidence)
+                    if granularity == "weight":
+                        removal = _weight_removal(target, weights[target.name], level, criterion, seed)
+                    else:
+                        removal = _unit_removal(model, target, level, criterion, seed, round_to)
+                    cell = _measure_cell(model, evaluator, target.name, key, removal, confidence)
                     if cell_store:
                         cell_store.append(cell)
                 cells.append(cell)
@@ -103,7 +128,7 @@ def scan(
         higher_is_better=evaluator.higher_is_better,
         dense_value=dense.value,
         criterion=criterion,
-        granularity="weight",
+        granularity=granularity,
         levels=level_keys,
         targets=list(targets),
         cells=cells,
@@ -113,34 +138,60 @@ def scan(
     )
 
 
+def _single_granularity(targets: list[Target]) -> str:
+    kinds = sorted({t.granularity for t in targets})
+    if len(kinds) > 1:
+        raise PrunescopeError(f"targets mix granularities ({', '.join(kinds)}); scan one granularity at a time")
+    return kinds[0]
+
+
+def _weight_removal(target: Target, weight: torch.Tensor, level: float | NMPattern, criterion: str, seed: int):
+    """(sparsity, apply) for a weight target: apply() zeroes the masked elements in place and
+    returns a restore that copies the original values back."""
+    mask = keep_mask(weight, level, criterion, target.input_dim, seed=seed, key=target.name)
+
+    def apply_mask() -> Callable[[], None]:
+        original = weight.detach().clone()
+        with torch.no_grad():
+            weight.mul_(mask)
+
+        def restore() -> None:
+            with torch.no_grad():
+                weight.copy_(original)
+
+        return restore
+
+    return level_sparsity(level), apply_mask
+
+
+def _unit_removal(model: torch.nn.Module, target: Target, level: float, criterion: str, seed: int, round_to: int | None):
+    """(fraction of units removed, apply) for a structured target; apply() emulates the removal."""
+    remove = units_removed(model, target, level, criterion, seed, round_to)
+    return len(remove) / target.group.units, lambda: mask_target(model, target, remove)
+
+
 def _measure_cell(
     model: torch.nn.Module,
     evaluator: Evaluator,
-    target: Target,
-    weight: torch.Tensor,
-    level: float | NMPattern,
+    name: str,
     key: str,
-    criterion: str,
-    seed: int,
+    removal: tuple[float, Callable[[], Callable[[], None]]],
     confidence: float,
 ) -> Cell:
-    """Prune one target in place, evaluate, and restore its exact original values."""
+    """Apply one removal in place, evaluate, and restore the model exactly."""
     started = time.perf_counter()
-    mask = keep_mask(weight, level, criterion, target.input_dim, seed=seed, key=target.name)
-    original = weight.detach().clone()
+    sparsity, apply_removal = removal
+    restore = apply_removal()
     try:
-        with torch.no_grad():
-            weight.mul_(mask)
         pruned = evaluator.evaluate(model)
     finally:
-        with torch.no_grad():
-            weight.copy_(original)
+        restore()
     dense = evaluator.dense
     change = paired_change(dense.values, pruned.values, dense.weights, evaluator.metric.log_scale, confidence)
     return Cell(
-        target=target.name,
+        target=name,
         level=key,
-        sparsity=level_sparsity(level),
+        sparsity=sparsity,
         value=change.value,
         change=change.change,
         ci_low=change.ci_low,

@@ -12,8 +12,9 @@ from torch import nn
 
 from .batches import run_model
 from .errors import PrunescopeError, forward_failed
+from .structure.groups import UnitGroup
 
-GRANULARITIES = ("weight",)
+GRANULARITIES = ("weight", "channel", "head", "neuron", "block")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -28,6 +29,9 @@ class Target:
         params: elements in the weight tensor.
         flops: FLOPs (2 x multiply-accumulates) of this module for one sample, or None if unmeasured.
         input_dim: axis of the weight that indexes input features (N:M groups run along it).
+        granularity: ``"weight"`` (elements of one tensor) or a structured unit: ``"channel"``,
+            ``"head"``, ``"neuron"``, ``"block"``; then ``group`` holds the units and their slices,
+            ``shape`` is ``(units,)`` and ``params`` counts every coupled parameter.
     """
 
     name: str
@@ -38,13 +42,17 @@ class Target:
     input_dim: int = 1
     granularity: str = "weight"
     parameter: str = field(default="weight")
+    group: UnitGroup | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["group"] = None if self.group is None else self.group.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Target:
-        return cls(**{**data, "shape": tuple(data["shape"])})
+        group = data.get("group")
+        return cls(**{**data, "shape": tuple(data["shape"]), "group": None if group is None else UnitGroup.from_dict(group)})
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -136,11 +144,16 @@ def find_targets(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     example: Any = None,
+    head_mode: str = "kv_group",
 ) -> list[Target]:
     """Every prunable weight tensor of ``model`` as a :class:`Target`.
 
     Args:
-        granularity: ``"weight"`` (elements of a weight tensor; unstructured or N:M).
+        granularity: ``"weight"`` (elements of a weight tensor; unstructured or N:M), or a
+            structured unit: ``"channel"`` (coupled channel groups derived from the traced graph;
+            needs ``example``), ``"head"`` (attention heads; ``head_mode="kv_group"`` removes a KV
+            group with its query heads, ``"query"`` one query head per KV group), ``"neuron"`` (FFN
+            intermediate neurons) or ``"block"`` (whole transformer layers).
         include: glob patterns on module names (``"layer1.*"``); only matching targets are kept.
         exclude: glob patterns to leave out. ``None`` applies :func:`default_excludes` (the LM head
             or final classifier); ``[]`` keeps everything.
@@ -148,11 +161,23 @@ def find_targets(
     """
     if granularity not in GRANULARITIES:
         raise PrunescopeError(f"granularity {granularity!r} is not supported; accepted: {', '.join(GRANULARITIES)}")
+    include = [include] if isinstance(include, str) else list(include or [])
+    if granularity != "weight":
+        from .structured import structured_targets
+
+        found = structured_targets(model, granularity, example, head_mode)
+        names = [t.name for t in found]
+        exclude_patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
+        _check_patterns(include, names, "include")
+        _check_patterns(exclude_patterns, names, "exclude")
+        chosen = [t for t in found if (not include or _matches(t.name, include)) and not _matches(t.name, exclude_patterns)]
+        if not chosen:
+            raise PrunescopeError("include/exclude leave no target; loosen the patterns")
+        return chosen
     modules = prunable_modules(model)
     if not modules:
         raise PrunescopeError("the model has no prunable layer (Linear, Conv1d/2d/3d or HF Conv1D)")
     names = [name for name, _ in modules]
-    include = [include] if isinstance(include, str) else list(include or [])
     exclude_patterns = list(default_excludes(model)) if exclude is None else ([exclude] if isinstance(exclude, str) else list(exclude))
     _check_patterns(include, names, "include")
     if exclude is not None:

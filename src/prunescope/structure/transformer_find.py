@@ -1,0 +1,389 @@
+"""Find the structured units of Hugging Face transformer models: attention heads, FFN neurons, blocks.
+
+Models are recognised by their module structure, not by their class names: the layer list is an
+``nn.ModuleList`` of same-class blocks that contain attention, and inside each block the attention
+and the feed-forward network are matched against the layouts below. Anything else is refused with
+an error naming the module, never guessed at.
+
+Attention layouts:
+    ``"qkvo"``   separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` Linears and a ``head_dim``
+                 attribute, grouped-query attention allowed (Llama, Mistral, Qwen2, SmolLM2).
+    ``"bert"``   ``attention.self.{query,key,value}`` and ``attention.output.dense`` (BERT, MiniLM).
+    ``"fused"``  one ``c_attn`` Conv1D producing q|k|v and a ``c_proj`` Conv1D (GPT-2).
+
+Feed-forward layouts:
+    ``"gated"``  ``gate_proj`` and ``up_proj`` rows with the matching ``down_proj`` columns (Llama ...).
+    ``"bert"``   ``intermediate.dense`` rows with ``output.dense`` columns.
+    ``"fused"``  ``mlp.c_fc`` columns with ``mlp.c_proj`` rows (GPT-2's Conv1D stores [in, out]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import PrunescopeError
+from .groups import Slice, UnitGroup
+
+TRANSFORMER_GRANULARITIES = ("head", "neuron", "block")
+HEAD_MODES = ("kv_group", "query")
+
+_ATTENTION_LAYOUTS = (
+    "q_proj/k_proj/v_proj/o_proj with head_dim (Llama, Mistral, Qwen2), "
+    "attention.self.query/key/value + attention.output.dense (BERT), c_attn/c_proj Conv1D (GPT-2)"
+)
+_MLP_LAYOUTS = "gate_proj/up_proj/down_proj (Llama, Mistral, Qwen2), intermediate.dense + output.dense (BERT), mlp.c_fc/c_proj (GPT-2)"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear whose weight is stored transposed, [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def _is_projection(module: object) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Module) and is_conv1d(module))
+
+
+def out_dim(module: nn.Module) -> int:
+    """Axis of the weight that indexes output features (1 for Conv1D, 0 for Linear)."""
+    return 1 if is_conv1d(module) else 0
+
+
+def in_dim(module: nn.Module) -> int:
+    """Axis of the weight that indexes input features (0 for Conv1D, 1 for Linear)."""
+    return 0 if is_conv1d(module) else 1
+
+
+def out_features(module: nn.Module) -> int:
+    return module.weight.shape[out_dim(module)]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _parameterised_children(module: nn.Module) -> dict[str, nn.Module]:
+    return {name: child for name, child in module.named_children() if any(True for _ in child.parameters())}
+
+
+# ---- what was found ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One attention module. Paths are module names in the model; ``q``/``k``/``v`` are the same
+    module for the fused layout, whose q, k and v column blocks start at 0, H*d and 2*H*d."""
+
+    path: str
+    layout: str
+    head_dim: int
+    heads: int
+    kv_heads: int
+    q: str
+    k: str
+    v: str
+    out: str
+
+    @property
+    def queries_per_group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class FeedForward:
+    """One feed-forward network: ``producers`` output the neurons, ``consumer`` reads them."""
+
+    path: str
+    layout: str
+    neurons: int
+    producers: tuple[str, ...]
+    consumer: str
+
+
+@dataclass(frozen=True)
+class LayerList:
+    """An ``nn.ModuleList`` of transformer blocks, by path, with its length."""
+
+    path: str
+    length: int
+
+    def layer(self, index: int) -> str:
+        return f"{self.path}.{index}"
+
+
+# ---- layer lists ---------------------------------------------------------------------------
+
+
+def _mentions_attention(module: nn.Module) -> bool:
+    for name, sub in module.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        kind = type(sub).__name__.lower()
+        if "attention" in kind or "attn" in kind or leaf in ("attn", "attention", "self_attn", "self_attention"):
+            return True
+    return False
+
+
+def find_layer_lists(model: nn.Module) -> list[LayerList]:
+    """Every ``nn.ModuleList`` of same-class blocks that contain attention (outermost ones only)."""
+    found: list[LayerList] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(f"{other.path}.") for other in found):
+            continue
+        classes = {type(child) for child in module}
+        if len(classes) == 1 and all(_mentions_attention(child) for child in module):
+            found.append(LayerList(name, len(module)))
+    if not found:
+        raise PrunescopeError(
+            f"found no transformer layers in {type(model).__name__}: expected an nn.ModuleList of blocks "
+            "that contain attention (model.layers, encoder.layer, transformer.h ...)"
+        )
+    return found
+
+
+def iter_layers(model: nn.Module) -> Iterator[tuple[LayerList, int, str, nn.Module]]:
+    """(layer list, index, path, block) for every transformer block, in order."""
+    for layers in find_layer_lists(model):
+        container = model.get_submodule(layers.path)
+        for index, block in enumerate(container):
+            yield layers, index, layers.layer(index), block
+
+
+# ---- attention -----------------------------------------------------------------------------
+
+
+def _qkvo(path: str, module: nn.Module) -> Attention | None:
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+        return None
+    head_dim = getattr(module, "head_dim", None)
+    if not isinstance(head_dim, int):
+        return None
+    extra = [
+        n for n, child in _parameterised_children(module).items()
+        if n not in names and not all(p.shape == (head_dim,) for p in child.parameters())
+    ]
+    if extra:
+        raise PrunescopeError(
+            f"attention module {path!r} ({type(module).__name__}) has parameterised submodule(s) "
+            f"{', '.join(extra)} besides q/k/v/o_proj whose shape is not per-head; prunescope cannot remove its heads exactly"
+        )
+    q, k, v = module.q_proj, module.k_proj, module.v_proj
+    heads, rem_q = divmod(q.out_features, head_dim)
+    kv_heads, rem_k = divmod(k.out_features, head_dim)
+    if rem_q or rem_k or v.out_features != k.out_features or kv_heads == 0 or heads % kv_heads:
+        raise PrunescopeError(
+            f"attention module {path!r} ({type(module).__name__}): q_proj/k_proj/v_proj widths "
+            f"{q.out_features}/{k.out_features}/{v.out_features} do not split into heads of head_dim {head_dim}"
+        )
+    return Attention(path, "qkvo", head_dim, heads, kv_heads, *(_join(path, n) for n in names))
+
+
+def _bert(path: str, module: nn.Module) -> Attention | None:
+    inner, output = getattr(module, "self", None), getattr(module, "output", None)
+    if inner is None or output is None or not isinstance(getattr(output, "dense", None), nn.Linear):
+        return None
+    names = ("query", "key", "value")
+    if not all(isinstance(getattr(inner, n, None), nn.Linear) for n in names):
+        return None
+    head_dim = getattr(inner, "attention_head_size", None)
+    extra = sorted(set(_parameterised_children(inner)) - set(names))
+    if not isinstance(head_dim, int) or extra:
+        raise PrunescopeError(
+            f"attention module {_join(path, 'self')!r} ({type(inner).__name__}) is not plain multi-head attention "
+            f"(extra parameters: {', '.join(extra) or 'none'}; attention_head_size: {head_dim!r})"
+        )
+    heads = inner.query.out_features // head_dim
+    q, k, v = (_join(path, f"self.{n}") for n in names)
+    return Attention(path, "bert", head_dim, heads, heads, q, k, v, _join(path, "output.dense"))
+
+
+def _fused(path: str, module: nn.Module) -> Attention | None:
+    c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
+    if not (isinstance(c_attn, nn.Module) and is_conv1d(c_attn) and isinstance(c_proj, nn.Module) and is_conv1d(c_proj)):
+        return None
+    head_dim, split = getattr(module, "head_dim", None), getattr(module, "split_size", None)
+    if getattr(module, "is_cross_attention", False) or hasattr(module, "q_attn"):
+        raise PrunescopeError(f"attention module {path!r} ({type(module).__name__}) is cross-attention; not supported")
+    if not isinstance(head_dim, int) or not isinstance(split, int) or c_attn.nf != 3 * split or split % head_dim:
+        raise PrunescopeError(
+            f"attention module {path!r} ({type(module).__name__}): c_attn width {c_attn.nf} is not q|k|v of "
+            f"split_size {split!r} in heads of head_dim {head_dim!r}"
+        )
+    heads = split // head_dim
+    fused = _join(path, "c_attn")
+    return Attention(path, "fused", head_dim, heads, heads, fused, fused, fused, _join(path, "c_proj"))
+
+
+def find_attention(layer_path: str, layer: nn.Module) -> Attention:
+    """The self-attention of one block, or a PrunescopeError naming the module it cannot handle."""
+    for name, module in layer.named_modules():
+        path = _join(layer_path, name)
+        for recognise in (_qkvo, _bert, _fused):
+            found = recognise(path, module)
+            if found is not None:
+                return found
+    for name, module in layer.named_modules():
+        kind = type(module).__name__
+        if name and ("attention" in kind.lower() or "attn" in name.rsplit(".", 1)[-1].lower()):
+            raise PrunescopeError(
+                f"unsupported attention module {_join(layer_path, name)!r} ({kind}); head pruning handles: {_ATTENTION_LAYOUTS}"
+            )
+    raise PrunescopeError(f"block {layer_path!r} ({type(layer).__name__}) has no attention prunescope recognises")
+
+
+# ---- feed-forward --------------------------------------------------------------------------
+
+
+def find_feed_forward(layer_path: str, layer: nn.Module) -> FeedForward:
+    """The feed-forward network of one block, or a PrunescopeError naming the block."""
+    for name, module in layer.named_modules():
+        path = _join(layer_path, name)
+        gate, up, down = (getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+        if all(isinstance(m, nn.Linear) for m in (gate, up, down)):
+            extra = sorted(set(_parameterised_children(module)) - {"gate_proj", "up_proj", "down_proj"})
+            if extra or gate.out_features != up.out_features or up.out_features != down.in_features:
+                raise PrunescopeError(f"feed-forward {path!r} ({type(module).__name__}) is not a plain gated MLP")
+            return FeedForward(path, "gated", gate.out_features, (_join(path, "gate_proj"), _join(path, "up_proj")),
+                               _join(path, "down_proj"))
+        c_fc, c_proj = getattr(module, "c_fc", None), getattr(module, "c_proj", None)
+        if isinstance(c_fc, nn.Module) and is_conv1d(c_fc) and isinstance(c_proj, nn.Module) and is_conv1d(c_proj) \
+                and not hasattr(module, "c_attn"):
+            if c_fc.nf != c_proj.nx or set(_parameterised_children(module)) != {"c_fc", "c_proj"}:
+                raise PrunescopeError(f"feed-forward {path!r} ({type(module).__name__}) is not a plain c_fc/c_proj MLP")
+            return FeedForward(path, "fused", c_fc.nf, (_join(path, "c_fc"),), _join(path, "c_proj"))
+    intermediate, output = getattr(layer, "intermediate", None), getattr(layer, "output", None)
+    dense_in, dense_out = getattr(intermediate, "dense", None), getattr(output, "dense", None)
+    if isinstance(dense_in, nn.Linear) and isinstance(dense_out, nn.Linear) and dense_in.out_features == dense_out.in_features:
+        path = _join(layer_path, "intermediate")
+        return FeedForward(path, "bert", dense_in.out_features, (_join(path, "dense"),), _join(layer_path, "output.dense"))
+    raise PrunescopeError(
+        f"block {layer_path!r} ({type(layer).__name__}) has no feed-forward network prunescope recognises; "
+        f"neuron pruning handles: {_MLP_LAYOUTS}"
+    )
+
+
+# ---- unit groups ---------------------------------------------------------------------------
+
+
+def _tensor_slices(model_modules: dict[str, nn.Module], path: str, side: str, offset: int, width: int) -> list[Slice]:
+    """Slices of module ``path``'s weight (and bias for ``side="out"``) along its output or input axis."""
+    module = model_modules[path]
+    if side == "in":
+        return [Slice(f"{path}.weight", in_dim(module), offset, width, "in")]
+    slices = [Slice(f"{path}.weight", out_dim(module), offset, width, "out")]
+    if getattr(module, "bias", None) is not None:
+        slices.append(Slice(f"{path}.bias", 0, offset, width, "bias"))
+    return slices
+
+
+def _params_per_unit(model: nn.Module, slices: list[Slice]) -> int:
+    state = dict(model.named_parameters(remove_duplicate=False))
+    total = 0
+    for s in slices:
+        tensor = state[s.tensor]
+        total += s.width * tensor.numel() // tensor.shape[s.dim]
+    return total
+
+
+def head_group(model: nn.Module, attention: Attention, head_mode: str = "kv_group") -> UnitGroup:
+    """The head units of one attention module (see :func:`find_transformer_groups` for the modes)."""
+    modules = dict(model.named_modules())
+    a, d = attention, attention.head_dim
+    slices: list[Slice] = []
+    if a.layout == "fused":
+        split = a.heads * d
+        if head_mode == "query" and a.heads == a.kv_heads:
+            _no_query_mode(a, modules)
+        for part in range(3):
+            slices += _tensor_slices(modules, a.q, "out", part * split, d)
+        slices += _tensor_slices(modules, a.out, "in", 0, d)
+        units = a.heads
+    elif head_mode == "kv_group":
+        group_width = a.queries_per_group * d
+        slices += _tensor_slices(modules, a.q, "out", 0, group_width)
+        slices += _tensor_slices(modules, a.k, "out", 0, d)
+        slices += _tensor_slices(modules, a.v, "out", 0, d)
+        slices += _tensor_slices(modules, a.out, "in", 0, group_width)
+        units = a.kv_heads
+    else:
+        if a.queries_per_group == 1:
+            _no_query_mode(a, modules)
+        group_width = a.queries_per_group * d
+        for g in range(a.kv_heads):
+            slices += _tensor_slices(modules, a.q, "out", g * group_width, d)
+        for g in range(a.kv_heads):
+            slices += _tensor_slices(modules, a.out, "in", g * group_width, d)
+        units = a.queries_per_group
+    return UnitGroup(a.path, "head", units, _params_per_unit(model, slices), tuple(slices))
+
+
+def _no_query_mode(attention: Attention, modules: dict[str, nn.Module]) -> None:
+    raise PrunescopeError(
+        f"head_mode='query' needs grouped-query attention, but {attention.path!r} "
+        f"({type(modules[attention.path]).__name__}) has {attention.heads} query heads and {attention.kv_heads} KV heads; "
+        "use head_mode='kv_group' (every head is its own KV group here)"
+    )
+
+
+def neuron_group(model: nn.Module, ffn: FeedForward) -> UnitGroup:
+    """The neuron units of one feed-forward network: producer rows (and biases) plus consumer columns."""
+    modules = dict(model.named_modules())
+    slices: list[Slice] = []
+    for producer in ffn.producers:
+        slices += _tensor_slices(modules, producer, "out", 0, 1)
+    slices += _tensor_slices(modules, ffn.consumer, "in", 0, 1)
+    return UnitGroup(ffn.path, "neuron", ffn.neurons, _params_per_unit(model, slices), tuple(slices))
+
+
+def block_group(layer_path: str, layer: nn.Module) -> UnitGroup:
+    """A whole block as one unit (``min_units=0``): removing it makes the block the identity."""
+    slices = tuple(
+        Slice(_join(layer_path, name), 0, 0, p.shape[0] if p.dim() else 1, "block")
+        for name, p in layer.named_parameters()
+    )
+    params = sum(p.numel() for p in layer.parameters())
+    return UnitGroup(layer_path, "block", 1, params, slices, min_units=0)
+
+
+def check_head_mode(head_mode: str) -> str:
+    if head_mode not in HEAD_MODES:
+        raise PrunescopeError(f"unknown head_mode {head_mode!r}; accepted: {', '.join(HEAD_MODES)}")
+    return head_mode
+
+
+def find_transformer_groups(model: nn.Module, granularity: str, *, head_mode: str = "kv_group") -> list[UnitGroup]:
+    """The removable units of a Hugging Face transformer, one :class:`UnitGroup` per block.
+
+    Args:
+        model: a transformer (causal LM, encoder ...); it is only read.
+        granularity: ``"head"`` (one group per attention module, named by its path),
+            ``"neuron"`` (one group per feed-forward network, units = intermediate neurons) or
+            ``"block"`` (one single-unit group per block, named by its path, ``min_units=0``).
+        head_mode: how heads are counted under grouped-query attention (GQA).
+            ``"kv_group"`` (default): a unit is one KV head together with the query heads that read
+            it. This is the default because it is the only mode that also removes key/value
+            projections and shrinks the KV cache, it keeps every layer a valid GQA layout, and on
+            models without GQA it is simply "one head". ``"query"``: a unit is one query head in
+            *every* KV group at once (unit ``j`` = the ``j``-th query head of each group), so the
+            heads per group stay equal; K/V and the cache are untouched. Needs GQA.
+
+    Returns:
+        Groups in layer order. Each slice names a state_dict tensor; ``role="in"`` slices are the
+        output-projection columns (heads) or down-projection columns (neurons) that masking zeroes.
+    """
+    if granularity not in TRANSFORMER_GRANULARITIES:
+        raise PrunescopeError(f"unknown granularity {granularity!r}; accepted: {', '.join(TRANSFORMER_GRANULARITIES)}")
+    check_head_mode(head_mode)
+    groups = []
+    for _, _, path, layer in iter_layers(model):
+        if granularity == "head":
+            groups.append(head_group(model, find_attention(path, layer), head_mode))
+        elif granularity == "neuron":
+            groups.append(neuron_group(model, find_feed_forward(path, layer)))
+        else:
+            groups.append(block_group(path, layer))
+    return groups
