@@ -41,7 +41,7 @@ def plot_sensitivity(profile: Profile, path: str | Path, plan: Plan | None = Non
             low = [profile.dense_value] + [profile.dense_value + c.ci_low for c in cells]
             high = [profile.dense_value] + [profile.dense_value + c.ci_high for c in cells]
             ax.fill_between(x, low, high, color=color, alpha=0.12, lw=0)
-        if plan is not None and target.name in plan.levels and not isinstance(plan.levels[target.name], str):
+        if plan is not None and len(profile.targets) <= 40 and target.name in plan.levels and not isinstance(plan.levels[target.name], str):
             level = float(plan.levels[target.name])
             ax.plot([level], [float(np.interp(level, x, y))], marker="*", ms=12, color=color, mec="black", mew=0.6)
     ax.axhline(profile.dense_value, color="black", ls="--", lw=1, label=f"dense ({profile.dense_value:.4g})")
@@ -50,7 +50,7 @@ def plot_sensitivity(profile: Profile, path: str | Path, plan: Plan | None = Non
     if profile.metric == "perplexity":
         ax.set_yscale("log")
     title = f"Pruning sensitivity per layer ({profile.kind}, {profile.provenance.get('samples', '?')} samples, {profile.confidence:.0%} CI)"
-    ax.set_title(title + ("; stars = plan" if plan else ""))
+    ax.set_title(title + ("; stars = plan" if plan and len(profile.targets) <= 40 else ""))
     if len(profile.targets) <= 24:
         ax.legend(fontsize=7, ncol=2 if len(profile.targets) > 12 else 1, loc="best")
     ax.grid(alpha=0.3)
