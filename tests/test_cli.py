@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import prunescope as ps
 from prunescope.cli import app
+from prunescope.digits import batches_of, digits_splits
 
 runner = CliRunner()
 
@@ -31,6 +32,14 @@ def test_demo_writes_every_artifact_and_beats_uniform(tmp_path):
     assert summary["threshold"]["val_accuracy"] >= summary["uniform"]["val_accuracy"]
     assert summary["dense"]["test_accuracy"] > 0.9
     assert "uniform" in result.output and "threshold" in result.output
+    structured = json.loads((out / "summary.json").read_text())["structured"]
+    dense_flops = structured["dense"]["flops_per_image"]
+    assert structured["threshold"]["flops_per_image"] <= 0.52 * dense_flops
+    assert structured["threshold"]["params"] < structured["dense"]["params"]
+    assert structured["threshold"]["val_accuracy"] >= structured["uniform"]["val_accuracy"]
+    shrunk = ps.load(out / "shrunk").eval()
+    evaluator = ps.Evaluator(shrunk, batches_of(digits_splits().test), "accuracy")
+    assert evaluator.dense.value == pytest.approx(structured["threshold"]["test_accuracy"])
 
 
 def test_scan_plan_prune_report_chain(tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .cost import CostModel
 from .errors import PrunescopeError
+from .levels import removed_share
 from .plan import Budget, Plan
 from .profile import Profile
 from .targets import weight_of
@@ -14,10 +16,13 @@ METHODS = ("uniform", "global_magnitude", "threshold")
 
 
 def allocate(profile: Profile, budget: Budget | float, method: str = "threshold", *, model: torch.nn.Module | None = None) -> Plan:
-    """Choose a level per target so the plan removes ``budget.sparsity`` of the profile's parameters.
+    """Choose a level per target so the plan removes the budget's fraction: of the profile's
+    parameters (``Budget(sparsity=)``), of all the model's parameters (``params=``) or of its
+    Conv/Linear FLOPs (``flops=``), the last two from the shrunk shapes (see :mod:`prunescope.cost`).
 
     Methods:
-        ``"uniform"``: every target at the budget's fraction.
+        ``"uniform"``: one level for every target (the budget's fraction for a sparsity budget,
+        else found by bisection).
         ``"global_magnitude"``: one |w| threshold across all targets (needs ``model``).
         ``"threshold"``: each target gets the largest level whose measured drop stays under one
         shared drop threshold, interpolating linearly between scanned levels; the threshold is
@@ -35,13 +40,13 @@ def allocate(profile: Profile, budget: Budget | float, method: str = "threshold"
             raise PrunescopeError("blocks are kept or removed whole: use method 'threshold'")
         levels, details = _blocks(profile, budget)
     elif method == "uniform":
-        levels = {name: budget.sparsity for name in params}
-        details: dict = {}
+        levels, details = _uniform(profile, budget), {}
     elif method == "global_magnitude":
         levels, details = _global_magnitude(profile, budget, model), {}
     else:
         levels, details = _threshold(profile, budget)
     predicted = _predicted_drop(profile, levels)
+    details.update(_predicted_costs(profile, levels))
     return Plan(
         levels=levels,
         params=params,
@@ -53,6 +58,59 @@ def allocate(profile: Profile, budget: Budget | float, method: str = "threshold"
         metric=profile.metric,
         details={**details, **_structure_details(profile), "predicted_drop_is": "sum of per-target drops (additive assumption)"},
     )
+
+
+def removed_fraction(profile: Profile, budget: Budget):
+    """A function of a level dict giving the fraction of the budget's quantity that the levels remove."""
+    if budget.kind == "sparsity":
+        params = {t.name: t.params for t in profile.targets}
+        total = float(sum(params.values()))
+        return lambda levels: sum(removed_share(lv) * params[n] for n, lv in levels.items() if lv) / total
+    if profile.costs is None:
+        raise PrunescopeError(f"a {budget.kind} budget needs the profile's cost model; re-scan with this version of prunescope")
+    cost = CostModel.from_dict(profile.costs)
+    if budget.kind == "flops" and not cost.flops:
+        raise PrunescopeError("this profile has no FLOPs; scan with an evaluator so one batch can be measured")
+    dense = cost.params if budget.kind == "params" else cost.total_flops
+    index = 0 if budget.kind == "params" else 1
+    return lambda levels: 1.0 - cost.remaining(profile.targets, levels)[index] / dense
+
+
+def _unreachable(budget: Budget, most: float, why: str) -> PrunescopeError:
+    return PrunescopeError(
+        f"budget unreachable: {budget.fraction:.1%} of {_BUDGET_WORDS[budget.kind]} asked, but {why} allow at most "
+        f"{most:.1%}; scan higher levels, include more targets or lower the budget"
+    )
+
+
+_BUDGET_WORDS = {"sparsity": "prunable parameters", "params": "the model's parameters", "flops": "the model's FLOPs"}
+
+
+def _bisect(removed_at, goal: float, high: float) -> float:
+    """Smallest x in [0, high] with removed_at(x) >= goal, for a non-decreasing removed_at."""
+    low = 0.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        if removed_at(middle) < goal:
+            low = middle
+        else:
+            high = middle
+        if high - low <= 1e-15 * max(1.0, high):
+            break
+    return high
+
+
+def _uniform(profile: Profile, budget: Budget) -> dict[str, float]:
+    names = [t.name for t in profile.targets]
+    if budget.kind == "sparsity":
+        return {name: budget.fraction for name in names}
+    removed = removed_fraction(profile, budget)
+    top = max((c.sparsity for c in profile.cells), default=0.9)
+    most = removed({n: top for n in names})
+    if most < budget.fraction - 1e-9:
+        raise _unreachable(budget, most, f"uniform levels up to the largest scanned ({top:g})")
+    level = _bisect(lambda x: removed({n: x for n in names}), budget.fraction, top)
+    return {name: level for name in names}
 
 
 def _monotone_curve(profile: Profile, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,34 +147,19 @@ def _predicted_drop(profile: Profile, plan_levels: dict) -> float | None:
 
 def _threshold(profile: Profile, budget: Budget) -> tuple[dict[str, float], dict]:
     names = [t.name for t in profile.targets]
-    params = np.array([profile.target(n).params for n in names], dtype=np.float64)
     curves = [_monotone_curve(profile, n) for n in names]
+    removed = removed_fraction(profile, budget)
 
-    def levels_at(threshold: float) -> np.ndarray:
-        return np.array([float(np.interp(threshold, drops, levels)) for levels, drops in curves])
-
-    def sparsity_at(threshold: float) -> float:
-        return float((levels_at(threshold) * params).sum() / params.sum())
+    def levels_at(threshold: float) -> dict[str, float]:
+        return {n: float(np.interp(threshold, drops, levels)) for n, (levels, drops) in zip(names, curves, strict=True)}
 
     high = max(float(drops[-1]) for _, drops in curves)
-    most = sparsity_at(high)
-    if most < budget.sparsity - 1e-9:
+    most = removed(levels_at(high))
+    if most < budget.fraction - 1e-9:
         largest = max(float(levels[-1]) for levels, _ in curves)
-        raise PrunescopeError(
-            f"budget unreachable: {budget.sparsity:.1%} sparsity asked, but the scanned levels (up to {largest:g}) "
-            f"allow at most {most:.1%} of prunable parameters; scan higher levels or lower the budget"
-        )
-    low = 0.0
-    for _ in range(200):
-        middle = (low + high) / 2
-        if sparsity_at(middle) < budget.sparsity:
-            low = middle
-        else:
-            high = middle
-        if high - low <= 1e-15 * max(1.0, high):
-            break
-    chosen = levels_at(high)
-    return {n: float(level) for n, level in zip(names, chosen, strict=True)}, {"threshold": high}
+        raise _unreachable(budget, most, f"the scanned levels (up to {largest:g})")
+    threshold = _bisect(lambda t: removed(levels_at(t)), budget.fraction, high)
+    return levels_at(threshold), {"threshold": threshold}
 
 
 def _global_magnitude(profile: Profile, budget: Budget, model: torch.nn.Module | None) -> dict[str, float]:
@@ -124,6 +167,8 @@ def _global_magnitude(profile: Profile, budget: Budget, model: torch.nn.Module |
         raise PrunescopeError("method 'global_magnitude' needs the model: allocate(profile, budget, 'global_magnitude', model=model)")
     magnitudes = {t.name: weight_of(model, t).detach().abs().reshape(-1).float() for t in profile.targets}
     everything = torch.cat(list(magnitudes.values()))
+    if budget.kind != "sparsity":
+        raise PrunescopeError("global_magnitude meets a sparsity budget only; use threshold or uniform for params or flops")
     remove = int(round(budget.sparsity * everything.numel()))
     if remove == 0:
         return {name: 0.0 for name in magnitudes}
@@ -145,20 +190,19 @@ def _global_magnitude(profile: Profile, budget: Budget, model: torch.nn.Module |
 
 
 def _blocks(profile: Profile, budget: Budget) -> tuple[dict[str, float], dict]:
-    """Remove whole blocks, least harmful first, until the removed parameters meet the budget."""
+    """Remove whole blocks, least harmful first, until the removed quantity meets the budget."""
     drops = {}
     for target in profile.targets:
         cell = profile.cell(target.name, "1")
         drops[target.name] = float("inf") if cell is None or not np.isfinite(profile.drop(cell)) else profile.drop(cell)
-    total = sum(t.params for t in profile.targets)
-    levels, removed = {t.name: 0.0 for t in profile.targets}, 0
+    removed = removed_fraction(profile, budget)
+    levels = {t.name: 0.0 for t in profile.targets}
     for name in sorted(drops, key=lambda n: (drops[n], n)):
-        if removed >= budget.sparsity * total:
+        if removed(levels) >= budget.fraction:
             break
         levels[name] = 1.0
-        removed += profile.target(name).params
-    if removed < budget.sparsity * total:
-        raise PrunescopeError(f"budget unreachable: removing every block removes {removed / total:.1%}; lower the budget")
+    if removed(levels) < budget.fraction:
+        raise _unreachable(budget, removed(levels), "removing every block would")
     return levels, {"removed_blocks": [n for n, lv in levels.items() if lv == 1.0]}
 
 
@@ -174,3 +218,15 @@ def _structure_details(profile: Profile) -> dict:
         "round_to": profile.provenance.get("round_to"),
         "seed": profile.provenance.get("seed", 0),
     }
+
+
+def _predicted_costs(profile: Profile, levels: dict) -> dict:
+    """Parameters and FLOPs the plan leaves, from the profile's cost model (when it has one)."""
+    if profile.costs is None:
+        return {}
+    cost = CostModel.from_dict(profile.costs)
+    params, flops = cost.remaining(profile.targets, levels)
+    result = {"params_dense": cost.params, "params_after": params}
+    if cost.flops:
+        result.update({"flops_dense": cost.total_flops, "flops_after": flops})
+    return result

@@ -105,7 +105,9 @@ def scan(
 @app.command()
 def plan(
     profile: Path = typer.Option(Path("profile.json"), help="profile from `prunescope scan`"),
-    sparsity: float = typer.Option(..., help="fraction of prunable parameters to remove, in (0, 1)"),
+    sparsity: float | None = typer.Option(None, help="fraction of the scanned layers' parameters to remove, in (0, 1)"),
+    params: float | None = typer.Option(None, help="or: fraction of all the model's parameters to remove"),
+    flops: float | None = typer.Option(None, help="or: fraction of the model's Conv/Linear FLOPs to remove"),
     method: str = typer.Option("threshold", help="threshold | uniform | global_magnitude"),
     model: str | None = typer.Option(None, help="needed by global_magnitude: " + MODEL_HELP),
     out: Path = typer.Option(Path("plan.json")),
@@ -118,7 +120,7 @@ def plan(
 
     try:
         loaded_profile = Profile.load(profile)
-        budget = Budget(sparsity)
+        budget = Budget(sparsity, params=params, flops=flops)
         net = None
         if method == "global_magnitude":
             from .models import load_model
@@ -132,7 +134,13 @@ def plan(
         _fail(error)
     console.print(plan_table(result))
     predicted = "" if result.predicted_drop is None else f"; predicted {result.metric} drop (additive) {result.predicted_drop:.4g}"
-    console.print(f"wrote {out}: {result.sparsity:.2%} sparsity{predicted}")
+    costs = ""
+    if "params_after" in result.details:
+        d = result.details
+        costs = f"; parameters {d['params_dense']:,.0f} -> {d['params_after']:,.0f}"
+        if "flops_after" in d:
+            costs += f", FLOPs/sample {d['flops_dense']:.3g} -> {d['flops_after']:.3g}"
+    console.print(f"wrote {out}: {result.sparsity:.2%} of the scanned parameters{costs}{predicted}")
 
 
 @app.command()
@@ -177,7 +185,9 @@ def prune(
             started = time.perf_counter()
             results["dense"] = evaluator.evaluate(progress=True).value
             results["pruned"] = evaluator.evaluate(pruned, progress=True).value
-            if compare_uniform:
+            if compare_uniform and loaded_plan.granularity == "block":
+                console.print("no uniform comparison for blocks: a block is kept or removed whole")
+            elif compare_uniform:
                 uniform = Plan({n: loaded_plan.sparsity for n in loaded_plan.levels}, dict(loaded_plan.params), loaded_plan.criterion,
                                loaded_plan.granularity, method="uniform", details=loaded_plan.details)
                 results["uniform"] = evaluator.evaluate(apply(loaded.model, uniform, mode, example=example_inputs), progress=True).value

@@ -5,18 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from .allocate import allocate
 from .apply import apply
 from .atomic import write_text_atomic
+from .cost import CostModel
 from .digits import batches_of, digits_splits, pretrained_digits_cnn
 from .evaluator import Evaluator
+from .latency import compare_latency
 from .levels import DEFAULT_LEVELS
 from .plan import Budget
 from .report import plan_table, profile_table, write_report
 from .scan import scan
+from .structure import save_shrunk_channels
 from .targets import find_targets
 
 
@@ -26,13 +30,18 @@ def run_demo(
     epochs: int = 30,
     sparsity: float = 0.8,
     levels: tuple = DEFAULT_LEVELS,
+    flops: float = 0.5,
+    channel_levels: tuple = (0.25, 0.5, 0.75),
     console: Console | None = None,
     progress: bool = True,
 ) -> dict:
     """Train (or reuse the cached) digits CNN, scan it on the validation split, plan ``sparsity`` by
     the threshold method, apply it, and compare against the uniform and global-magnitude plans on the
-    validation and test splits. Writes profile.json, profile.csv, plan.json, sensitivity.png,
-    heatmap.png and summary.json into ``out``; returns the summary."""
+    validation and test splits. Then the structured run: scan the coupled channel groups, plan
+    ``flops`` of the FLOPs away by threshold (and uniformly), shrink, and measure accuracy and
+    latency against dense. Writes profile.json, profile.csv, plan.json, sensitivity.png,
+    heatmap.png, channel_profile.json, channel_plan.json, shrunk/ and summary.json into ``out``;
+    returns the summary."""
     console = console or Console()
     out = Path(out)
     budget = Budget(sparsity)
@@ -59,7 +68,9 @@ def run_demo(
     profile.save(out / "profile.csv")
     plans["threshold"].save(out / "plan.json")
     write_report(profile, out, plans["threshold"])
-    summary = {"budget_sparsity": sparsity, "epochs": epochs, "levels": profile.levels, "results": results}
+    structured = _structured_run(model, val, test, Budget(flops=flops), channel_levels, out, progress)
+    summary = {"budget_sparsity": sparsity, "epochs": epochs, "levels": profile.levels, "results": results,
+               "structured": structured}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
 
     console.print(profile_table(profile))
@@ -71,5 +82,43 @@ def run_demo(
         predicted = "" if r["predicted_val_drop"] is None else f"{r['predicted_val_drop']:.2%}"
         table.add_row(name, f"{r['sparsity']:.1%}", f"{r['val_accuracy']:.2%}", f"{r['test_accuracy']:.2%}", predicted)
     console.print(table)
+    console.print(_structured_table(structured))
     console.print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     return summary
+
+
+def _structured_run(model, val: Evaluator, test: Evaluator, budget: Budget, levels: tuple, out: Path, progress: bool) -> dict:
+    """Channel groups -> threshold plan at a FLOPs budget -> a physically smaller CNN, measured."""
+    example = val.batches[0][0]
+    targets = find_targets(model, "channel", example=val.batches[0])
+    profile = scan(model, val, targets, levels=levels, progress=progress)
+    profile.save(out / "channel_profile.json")
+    plans = {method: allocate(profile, budget, method) for method in ("threshold", "uniform")}
+    plans["threshold"].save(out / "channel_plan.json")
+    models = {"dense": model, **{m: apply(model, plan, "shrink", example=example) for m, plan in plans.items()}}
+    save_shrunk_channels(models["threshold"], out / "shrunk", "prunescope:digits_cnn")
+    inputs = torch.cat([x for x, _ in test.batches])
+    seconds = compare_latency(models, inputs, repeats=30)
+    cost = {name: CostModel.of(m, example) for name, m in models.items()}
+    return {
+        name: {
+            "params": cost[name].params,
+            "flops_per_image": cost[name].total_flops,
+            "val_accuracy": val.evaluate(m).value,
+            "test_accuracy": test.evaluate(m).value,
+            "latency_ms": 1000 * seconds[name],
+            "speedup": seconds["dense"] / seconds[name],
+            "latency_batch": int(inputs.shape[0]),
+        }
+        for name, m in models.items()
+    }
+
+
+def _structured_table(results: dict) -> Table:
+    table = Table(title="digits CNN, channel groups shrunk to a FLOPs budget (latency: median of 30, whole test split)")
+    for column in ("model", "params", "FLOPs/image", "val accuracy", "test accuracy", "latency ms", "speedup"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for name, r in results.items():
+        table.add_row(name, f"{r['params']:,}", f"{r['flops_per_image'] / 1e6:.2f}M", f"{r['val_accuracy']:.2%}",
+                      f"{r['test_accuracy']:.2%}", f"{r['latency_ms']:.2f}", f"{r['speedup']:.2f}x")
+    return table

@@ -99,3 +99,8 @@ def parse_levels_text(text: str) -> list[float | NMPattern]:
 def is_nm_key(key: str) -> bool:
     """True for the key of an N:M level ("2:4"), False for a fraction ("0.5") or a whole block ("1")."""
     return ":" in key
+
+
+def removed_share(level: Level) -> float:
+    """Fraction a planned level removes: a fraction as is (0 and a whole block's 1 included), N:M parsed."""
+    return float(level) if isinstance(level, (int, float)) else level_sparsity(level)

@@ -9,20 +9,42 @@ from typing import Any
 
 from .atomic import write_text_atomic
 from .errors import PrunescopeError
-from .levels import Level, level_key, level_sparsity, parse_level
+from .levels import Level, level_key, parse_level, removed_share
 
 FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A pruning budget: ``sparsity`` is the fraction in (0, 1) of prunable parameters to remove."""
+    """What the plan must remove, as one fraction in (0, 1). Give exactly one of:
 
-    sparsity: float
+    ``sparsity``: of the prunable parameters (the profile's targets), the classic pruning ratio;
+    ``params``: of all the model's parameters; ``flops``: of the model's Conv/Linear FLOPs per
+    sample. ``params`` and ``flops`` are computed from the shrunk shapes, so coupled channel groups
+    (a conv losing input and output channels) are counted once and exactly.
+    """
+
+    sparsity: float | None = None
+    params: float | None = None
+    flops: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0.0 < self.sparsity < 1.0:
-            raise PrunescopeError(f"budget sparsity {self.sparsity!r} must be a fraction in (0, 1) of prunable parameters removed")
+        given = {k: v for k, v in (("sparsity", self.sparsity), ("params", self.params), ("flops", self.flops)) if v is not None}
+        if len(given) != 1:
+            raise PrunescopeError(f"a budget takes exactly one of sparsity, params, flops; got {', '.join(given) or 'none'}")
+        (kind, value), = given.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise PrunescopeError(f"budget {kind} {value!r} must be a fraction in (0, 1) removed")
+
+    @property
+    def kind(self) -> str:
+        """Which quantity the budget limits: ``"sparsity"``, ``"params"`` or ``"flops"``."""
+        return "sparsity" if self.sparsity is not None else "params" if self.params is not None else "flops"
+
+    @property
+    def fraction(self) -> float:
+        """The fraction of that quantity to remove."""
+        return float(getattr(self, self.kind))
 
 
 @dataclass
@@ -60,7 +82,7 @@ class Plan:
     def sparsity(self) -> float:
         """Fraction of the planned targets' parameters removed."""
         total = sum(self.params.values())
-        removed = sum((lv if isinstance(lv, float) else level_sparsity(lv)) * self.params[n] for n, lv in self.levels.items())
+        removed = sum(removed_share(lv) * self.params[n] for n, lv in self.levels.items())
         return removed / total if total else 0.0
 
     def to_dict(self) -> dict:
@@ -72,7 +94,7 @@ class Plan:
     def from_dict(cls, data: dict) -> Plan:
         if data.get("format") != "prunescope.plan":
             raise PrunescopeError("not a prunescope plan (missing format: prunescope.plan)")
-        budget = Budget(**data["budget"]) if data.get("budget") else None
+        budget = Budget(**{k: v for k, v in data["budget"].items() if v is not None}) if data.get("budget") else None
         keys = ("levels", "params", "criterion", "granularity", "method", "predicted_drop", "metric", "details")
         return cls(**{k: data[k] for k in keys if k in data}, budget=budget)
 

@@ -58,6 +58,8 @@ class Profile:
     kind: str = "measured"
     confidence: float = 0.95
     provenance: dict[str, Any] = field(default_factory=dict)
+    costs: dict[str, Any] | None = None
+    """``CostModel.to_dict()`` of the scanned model: parameter shapes and Conv/Linear FLOPs."""
 
     # ---- queries -------------------------------------------------------------------------
     def drop(self, cell: Cell) -> float:

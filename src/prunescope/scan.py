@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .cost import CostModel
 from .errors import PrunescopeError
 from .evaluator import Evaluator
 from .fingerprint import model_fingerprint
@@ -135,6 +136,7 @@ def scan(
         kind="measured",
         confidence=confidence,
         provenance=provenance,
+        costs=CostModel.of(model, evaluator.batches[0]).to_dict(),
     )
 
 

@@ -1,0 +1,34 @@
+"""Wall-clock latency of models on the same inputs, measured alternately so that machine noise
+falls on both alike; speed is reported as a ratio of medians."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import run_model
+
+
+def compare_latency(models: dict[str, nn.Module], batch: Any, repeats: int = 15, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per forward of each model on ``batch``, the models taking turns in each round."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    flags = {name: [(m, m.training) for m in model.modules()] for name, model in models.items()}
+    try:
+        for model in models.values():
+            model.eval()
+        with torch.inference_mode():
+            for round_index in range(warmup + repeats):
+                for name, model in models.items():
+                    started = time.perf_counter()
+                    run_model(model, batch)
+                    if round_index >= warmup:
+                        times[name].append(time.perf_counter() - started)
+    finally:
+        for pairs in flags.values():
+            for module, flag in pairs:
+                module.training = flag
+    return {name: statistics.median(values) for name, values in times.items()}
