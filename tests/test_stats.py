@@ -150,3 +150,13 @@ def test_accuracy_and_loss_match_direct_computation(digits_model, digits_val):
     loss = ps.Evaluator(digits_model, digits_val, "loss").dense.value
     assert accuracy == pytest.approx(float((logits.argmax(1) == y).double().mean()), abs=1e-12)
     assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+
+
+def test_cosine_metric_is_zero_on_the_dense_model_and_grows_with_damage():
+    model = tiny_llama().model  # the bare decoder: outputs hidden states, like an embedding model
+    evaluator = ps.Evaluator(model, token_batches(), "cosine")
+    assert evaluator.dense.value == pytest.approx(0.0, abs=1e-6)
+    profile = ps.scan(model, evaluator, ps.find_targets(model, include="layers.1.mlp.*"), levels=(0.3, 0.9))
+    for name in {c.target for c in profile.cells}:
+        light, heavy = profile.cell(name, "0.3"), profile.cell(name, "0.9")
+        assert 0 <= light.value <= heavy.value

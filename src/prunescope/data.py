@@ -82,7 +82,7 @@ def load_data(
         text = pydoc_text() if spec == "pydoc" else _read_text(rest)
         windows = samples or 4
         batches = token_windows(text, loaded.tokenizer, seq_len, windows, first_window, batch_size or 1)
-        metric = "perplexity" if loaded.kind == "causal_lm" else "kl"
+        metric = "perplexity" if loaded.kind == "causal_lm" else "cosine"
         source = "pydoc_data.topics" if spec == "pydoc" else rest
         return Data(batches, metric, f"{source}: windows {first_window}..{first_window + windows - 1} of {seq_len} tokens")
     if kind == "random" and rest:

@@ -35,11 +35,12 @@ class Evaluator:
     """A reproducible evaluation: the same batches, in the same order, every time.
 
     Args:
-        model: the dense model; its outputs are the reference for ``metric="kl"``.
+        model: the dense model; its outputs are the reference for ``"kl"`` and ``"cosine"``.
         batches: an iterable of batches (tensor, ``(inputs, labels)``, or a dict of model kwargs);
             it is read once and kept as a list.
         metric: ``"accuracy"``, ``"loss"`` (cross-entropy, nats), ``"perplexity"`` (causal LM,
-            token level), ``"kl"`` (KL(dense || model) in nats, needs no labels), or a callable
+            token level), ``"kl"`` (KL(dense || model) in nats, needs no labels), ``"cosine"``
+            (1 - cosine of the mean-pooled output to the dense model's: embedding models), or a callable
             ``(output, batch) -> per-sample tensor`` with ``higher_is_better`` given.
     """
 

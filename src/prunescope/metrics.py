@@ -110,11 +110,26 @@ def _kl(output: Any, batch: Any, reference: torch.Tensor) -> tuple[torch.Tensor,
     return (per_position * keep).sum(dim=1) / positions.clamp(min=1), positions
 
 
+def _cosine(output: Any, batch: Any, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 - cosine similarity to the dense model's output, per sample: for sequence outputs, of the
+    mean over the positions the attention mask keeps (a sentence embedding, as SBERT pools it)."""
+    current, dense = logits_of(output).float(), reference.float()
+    if current.dim() == 3:
+        _, kwargs, _ = split_batch(batch)
+        mask = kwargs.get("attention_mask")
+        keep = torch.ones(current.shape[:2]) if mask is None else mask.float()
+        weights = (keep / keep.sum(dim=1, keepdim=True).clamp(min=1)).unsqueeze(-1)
+        current, dense = (current * weights).sum(dim=1), (dense * weights).sum(dim=1)
+    values = (1 - F.cosine_similarity(current.flatten(1), dense.flatten(1), dim=1)).to(torch.float64)
+    return values, torch.ones_like(values)
+
+
 BUILTIN_METRICS: dict[str, Metric] = {
     "accuracy": Metric("accuracy", _accuracy, higher_is_better=True),
     "loss": Metric("loss", _loss, higher_is_better=False),
     "perplexity": Metric("perplexity", _perplexity, higher_is_better=False, log_scale=True),
     "kl": Metric("kl", _kl, higher_is_better=False, needs_reference=True),
+    "cosine": Metric("cosine", _cosine, higher_is_better=False, needs_reference=True),
 }
 
 
