@@ -28,6 +28,9 @@ from prunescope.models import load_model
 from prunescope.structured import parameter_count
 
 LEVELS = {"head": (0.34, 0.67), "neuron": (0.25, 0.5, 0.75), "block": (1.0,)}
+FLOPS = {"head": 0.1, "neuron": 0.2, "block": 0.2}
+"""Default FLOPs budget per granularity: attention projections are a small share of the FLOPs
+(SmolLM2: removing 2 of 3 KV groups everywhere saves 16.7%), so heads get a smaller budget."""
 METRIC = {"smollm2": "perplexity", "minilm": "cosine"}
 
 
@@ -54,7 +57,7 @@ def run(spec: str, granularity: str, args: argparse.Namespace) -> list[dict]:
     levels = LEVELS[granularity] if granularity != "block" else (0.5,)
     profile = ps.scan(model, scan_eval, targets, levels=levels)
     scan_seconds = time.perf_counter() - started
-    budget = ps.Budget(flops=args.flops)
+    budget = ps.Budget(flops=args.flops or FLOPS[granularity])
     methods = ("threshold",) if granularity == "block" else ("threshold", "uniform")
     dense_cost = CostModel.of(model, eval_batches[0])
     dense_value = held_out.dense.value
@@ -68,7 +71,7 @@ def run(spec: str, granularity: str, args: argparse.Namespace) -> list[dict]:
         cost = CostModel.of(shrunk, eval_batches[0])
         seconds = compare_latency({"dense": model, "shrunk": shrunk}, eval_batches[0], repeats=args.repeats, warmup=1)
         rows.append({
-            "model": spec, "granularity": granularity, "method": method, "budget_flops": args.flops,
+            "model": spec, "granularity": granularity, "method": method, "budget_flops": budget.flops,
             "metric": METRIC[spec], "dense": dense_value, "pruned": held_out.evaluate(shrunk).value,
             "masked_vs_shrunk": difference,
             "params_ratio": parameter_count(shrunk) / parameter_count(model),
@@ -86,7 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=sorted(METRIC))
     parser.add_argument("--granularities", nargs="+", default=["head", "neuron", "block"], choices=sorted(LEVELS))
-    parser.add_argument("--flops", type=float, default=0.2, help="fraction of Conv/Linear FLOPs to remove")
+    parser.add_argument("--flops", type=float, default=None, help="fraction of Conv/Linear FLOPs to remove (default per granularity)")
     parser.add_argument("--scan-windows", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -98,7 +101,11 @@ def main() -> None:
     command = shlex.join(["python", *sys.argv])
     for spec in args.models:
         for granularity in args.granularities:
-            for row in run(spec, granularity, args):
+            try:
+                rows = run(spec, granularity, args)
+            except ps.PrunescopeError as error:
+                rows = [{"model": spec, "granularity": granularity, "error": str(error)}]
+            for row in rows:
                 print(json.dumps({**row, "torch_threads": torch.get_num_threads(), "command": command}), flush=True)
 
 
