@@ -13,10 +13,16 @@ from torch import nn
 from .batches import run_model
 
 
-def compare_latency(models: dict[str, nn.Module], batch: Any, repeats: int = 15, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per forward of each model on ``batch``, the models taking turns in each round."""
+def compare_latency(
+    models: dict[str, nn.Module], batch: Any, repeats: int = 15, warmup: int = 2, threads: int | None = None
+) -> dict[str, float]:
+    """Median seconds per forward of each model on ``batch``, the models taking turns in each round;
+    ``threads`` sets torch's intra-op threads for the measurement (restored afterwards)."""
     times: dict[str, list[float]] = {name: [] for name in models}
     flags = {name: [(m, m.training) for m in model.modules()] for name, model in models.items()}
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         for model in models.values():
             model.eval()
@@ -28,6 +34,7 @@ def compare_latency(models: dict[str, nn.Module], batch: Any, repeats: int = 15,
                     if round_index >= warmup:
                         times[name].append(time.perf_counter() - started)
     finally:
+        torch.set_num_threads(previous_threads)
         for pairs in flags.values():
             for module, flag in pairs:
                 module.training = flag
