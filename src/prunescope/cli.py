@@ -206,7 +206,10 @@ def prune(
         write_text_atomic(out / "summary.json", json.dumps(results, indent=1))
     except PrunescopeError as error:
         _fail(error)
-    table = Table(title=f"{model} pruned by a {loaded_plan.method} plan ({loaded_plan.sparsity:.1%} of prunable weights)")
+    words = {"sparsity": "of the scanned parameters", "params": "of all parameters", "flops": "of the FLOPs"}
+    budget = loaded_plan.budget
+    asked = f"budget: {budget.fraction:.0%} {words[budget.kind]}" if budget else f"{loaded_plan.sparsity:.1%} of the scanned parameters"
+    table = Table(title=f"{model} pruned by a {loaded_plan.method} plan ({asked}), mode {mode}")
     table.add_column("model")
     table.add_column(results.get("metric", "metric"), justify="right")
     table.add_column("non-zero parameters", justify="right")
