@@ -123,3 +123,12 @@ def test_structured_bad_input(llama, small_cnn, tmp_path):
     with pytest.raises(ps.PrunescopeError, match="weight plan applies as mode 'mask'"):
         ps.apply(model, weight_plan, "shrink")
     assert json.loads(weight_plan.to_json())["granularity"] == "weight"
+
+
+def test_store_refuses_to_mix_head_modes(tmp_path):
+    model = tiny_llama()
+    evaluator = ps.Evaluator(model, token_batches(), "kl")
+    store = tmp_path / "heads.jsonl"
+    ps.scan(model, evaluator, ps.find_targets(model, "head"), levels=(0.5,), store=store)
+    with pytest.raises(ps.PrunescopeError, match="different head_mode"):
+        ps.scan(model, evaluator, ps.find_targets(model, "head", head_mode="query"), levels=(0.5,), store=store)

@@ -19,7 +19,7 @@ from .profile import Cell, Profile
 from .progress import progress_bar
 from .stats import paired_change
 from .store import CellStore
-from .structured import BLOCK_LEVEL, mask_target, structured_criterion, units_removed
+from .structured import BLOCK_LEVEL, head_mode_of, mask_target, structured_criterion, units_removed
 from .targets import Target, find_targets, weight_of
 
 
@@ -97,7 +97,8 @@ def scan(
     if store is not None:
         identity = {"model": fingerprint_before, "data": evaluator.fingerprint, "metric": evaluator.metric.name,
                     "criterion": criterion, "seed": seed, "levels": level_keys, "granularity": granularity,
-                    "confidence": confidence, **({"round_to": round_to} if round_to else {})}
+                    "confidence": confidence, **({"round_to": round_to} if round_to else {}),
+                    **({"head_mode": head_mode_of(targets)} if granularity == "head" else {})}
         cell_store = CellStore(store, identity)
 
     cells: list[Cell] = []
