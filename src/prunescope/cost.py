@@ -10,6 +10,7 @@ products and elementwise ops are not included.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,13 +49,7 @@ class CostModel:
     @property
     def params(self) -> int:
         """Parameters of the dense model."""
-        total = 0
-        for shape in self.shapes.values():
-            count = 1
-            for size in shape:
-                count *= size
-            total += count
-        return total
+        return sum(math.prod(shape) for shape in self.shapes.values())
 
     @property
     def total_flops(self) -> float:
@@ -79,22 +74,11 @@ class CostModel:
                 axis = piece.dim if shape else None
                 size = shape[piece.dim] if shape else 1
                 axes[piece.tensor][axis] += removed_units * piece.width / size
-        kept = {}
-        for tensor, removed in axes.items():
-            fraction = 1.0
-            for share in removed.values():
-                fraction *= max(0.0, 1.0 - share)
-            kept[tensor] = fraction
-        return kept
+        return {tensor: math.prod(max(0.0, 1.0 - share) for share in removed.values()) for tensor, removed in axes.items()}
 
     def remaining(self, targets: Sequence[Target], levels: Mapping[str, Level | float]) -> tuple[float, float]:
         """(parameters, FLOPs per sample) the pruned model keeps."""
         kept = self.kept_fractions(targets, levels)
-        params = 0.0
-        for name, shape in self.shapes.items():
-            count = 1
-            for size in shape:
-                count *= size
-            params += count * kept.get(name, 1.0)
+        params = sum(math.prod(shape) * kept.get(name, 1.0) for name, shape in self.shapes.items())
         flops = sum(value * kept.get(name, 1.0) for name, value in self.flops.items())
         return params, flops
