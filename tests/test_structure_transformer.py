@@ -309,8 +309,8 @@ def test_units_to_remove():
 class _OddBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.self_attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 8))  # a norm mixes neurons
 
 
 class _OddModel(nn.Module):
@@ -320,7 +320,7 @@ class _OddModel(nn.Module):
 
 
 def test_bad_input():
-    with pytest.raises(PrunescopeError, match=r"unsupported attention module 'layers\.0\.self_attn' \(MultiheadAttention\)"):
+    with pytest.raises(PrunescopeError, match=r"attention module 'layers\.0\.self_attn' \(nn.MultiheadAttention\) has .*bias_k"):
         find_transformer_groups(_OddModel(), "head")
     with pytest.raises(PrunescopeError, match=r"block 'layers\.0' \(_OddBlock\) has no feed-forward"):
         find_transformer_groups(_OddModel(), "neuron")

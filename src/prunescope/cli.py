@@ -224,13 +224,17 @@ def prune(
 def _save_shrunk(model, loaded, out: Path) -> None:
     """Save a shrunk model with the spec that rebuilds it (safetensors + JSON, no pickle)."""
     from .structure import save_shrunk, save_shrunk_channels
+    from .structure.channel_shrink import SPEC_ATTRIBUTE
 
     if hasattr(model, "config") and hasattr(model, "save_pretrained"):
         save_shrunk(model, out, loaded.model)
         return
     origins = {"digits-cnn": "prunescope:digits_cnn"}
     origin = origins.get(loaded.spec, loaded.spec)
-    save_shrunk_channels(model, out, origin)
+    if getattr(model, SPEC_ATTRIBUTE, None):
+        save_shrunk_channels(model, out, origin)
+    else:
+        save_shrunk(model, out, origin)
 
 
 @app.command()

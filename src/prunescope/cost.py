@@ -4,8 +4,9 @@ Every parameter tensor keeps ``numel x prod over axes (1 - fraction of that axis
 every Conv/Linear weight's FLOPs shrink by the same factor (a conv that loses a quarter of its
 input channels and half of its output channels keeps 3/8 of its multiply-accumulates). Axes are
 removed by structured groups through their slices; a weight target's level removes that fraction
-of its elements. FLOPs count Conv/Linear layers only (2 x MACs per sample): attention score
-products and elementwise ops are not included.
+of its elements. FLOPs count Conv/Linear layers and the packed q/k/v and output projections of
+``nn.MultiheadAttention`` (2 x MACs per sample): attention score products and elementwise ops are
+not included.
 """
 
 from __future__ import annotations
@@ -16,10 +17,52 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
+from .batches import run_model
 from .levels import Level, removed_share
 from .targets import Target, measure_flops, prunable_modules
+
+
+def packed_attention_flops(model: nn.Module, example: Any) -> dict[str, float]:
+    """FLOPs per sample of every packed multi-head attention's ``in_proj_weight`` and
+    ``out_proj.weight``, from one forward pass on ``example`` (none if the model has no such attention).
+
+    ``nn.MultiheadAttention`` in eval mode runs a fused kernel that never calls its ``out_proj``
+    module, so module hooks cannot see these projections; the sequence lengths are read off its inputs.
+    """
+    from .structure.pruned_attention import HeadPrunedAttention
+
+    attentions = {name: m for name, m in model.named_modules() if isinstance(m, (nn.MultiheadAttention, HeadPrunedAttention))}
+    flops: dict[str, float] = {}
+
+    def hook_for(name: str, module: nn.Module):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            query = args[0] if args else kwargs["query"]
+            key = args[1] if len(args) > 1 else kwargs.get("key", query)
+            time_axis = 1 if module.batch_first and query.dim() == 3 else 0
+            length_q, length_k = query.shape[time_axis], key.shape[time_axis]
+            inner = module.in_proj_weight.shape[0] // 3
+            flops[f"{name}.in_proj_weight"] = flops.get(f"{name}.in_proj_weight", 0.0) + 2.0 * module.embed_dim * inner * (length_q + 2 * length_k)
+            flops[f"{name}.out_proj.weight"] = flops.get(f"{name}.out_proj.weight", 0.0) + 2.0 * inner * module.embed_dim * length_q
+
+        return hook
+
+    if not attentions:
+        return flops
+    handles = [m.register_forward_pre_hook(hook_for(n, m), with_kwargs=True) for n, m in attentions.items()]
+    was_training = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            run_model(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in was_training:
+            module.training = flag
+    return flops
 
 
 @dataclass(frozen=True)
@@ -37,6 +80,7 @@ class CostModel:
         if example is not None:
             names = [name for name, _ in prunable_modules(model)]
             flops = {f"{name}.weight": value for name, value in measure_flops(model, example, names).items()}
+            flops.update(packed_attention_flops(model, example))
         return cls(shapes, {k: v for k, v in flops.items() if k in shapes})
 
     def to_dict(self) -> dict:

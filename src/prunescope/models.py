@@ -89,8 +89,19 @@ def load_torchvision(name: str, spec: str) -> LoadedModel:
         raise PrunescopeError(f"unknown torchvision model {name!r}; accepted: {', '.join(available[:8])} ... ({len(available)} in all)")
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None)
+    _break_zero_init(model)
     size = 299 if name == "inception_v3" else 224
     return LoadedModel(model.eval(), spec, "vision", input_shape=(3, size, size))
+
+
+def _break_zero_init(model: torch.nn.Module) -> None:
+    """Give zero-initialised weight matrices (ViT's classifier head) seeded N(0, 0.02) values:
+    a random-init model whose output ignores its input would make every sensitivity zero."""
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.nn.Parameter) and weight.dim() >= 2 and not weight.any():
+                torch.nn.init.normal_(weight, std=0.02)
 
 
 def load_python(target: str, spec: str) -> LoadedModel:

@@ -16,7 +16,7 @@ from .channel_shrink import SPEC_ATTRIBUTE, shrink_channels
 FORMAT = "prunescope.channels/1"
 WEIGHTS = "model.safetensors"
 SPEC = "prunescope_channels.json"
-ORIGINS = ("torchvision:<model name>", "prunescope:digits_cnn")
+ORIGINS = ("torchvision:<model name or class, e.g. resnet18, VisionTransformer>", "prunescope:digits_cnn")
 
 
 def build_origin(origin: str, kwargs: dict | None = None) -> nn.Module:
@@ -26,9 +26,12 @@ def build_origin(origin: str, kwargs: dict | None = None) -> nn.Module:
     if kind == "torchvision" and name:
         import torchvision
 
-        if name not in torchvision.models.list_models():
-            raise PrunescopeError(f"origin {origin!r}: torchvision has no model {name!r}")
-        return torchvision.models.get_model(name, weights=None, **kwargs)
+        if name in torchvision.models.list_models():
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+        cls = getattr(torchvision.models, name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls(**kwargs)
+        raise PrunescopeError(f"origin {origin!r}: torchvision has no model or model class {name!r}")
     if origin == "prunescope:digits_cnn":
         from ..digits import DigitsCNN
 

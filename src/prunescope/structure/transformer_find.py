@@ -10,11 +10,16 @@ Attention layouts:
                  attribute, grouped-query attention allowed (Llama, Mistral, Qwen2, SmolLM2).
     ``"bert"``   ``attention.self.{query,key,value}`` and ``attention.output.dense`` (BERT, MiniLM).
     ``"fused"``  one ``c_attn`` Conv1D producing q|k|v and a ``c_proj`` Conv1D (GPT-2).
+    ``"mha"``    ``nn.MultiheadAttention`` with packed ``in_proj_weight`` (torchvision ViT); shrinking
+                 replaces it by :class:`~.pruned_attention.HeadPrunedAttention`.
 
 Feed-forward layouts:
     ``"gated"``  ``gate_proj`` and ``up_proj`` rows with the matching ``down_proj`` columns (Llama ...).
     ``"bert"``   ``intermediate.dense`` rows with ``output.dense`` columns.
     ``"fused"``  ``mlp.c_fc`` columns with ``mlp.c_proj`` rows (GPT-2's Conv1D stores [in, out]).
+    ``"sequential"`` an ``nn.Sequential`` of Linear, activations/dropout, Linear (torchvision ViT's MLPBlock).
+
+Layer lists are ``nn.ModuleList`` (Hugging Face) or ``nn.Sequential`` (torchvision) containers.
 """
 
 from __future__ import annotations
@@ -32,9 +37,14 @@ HEAD_MODES = ("kv_group", "query")
 
 _ATTENTION_LAYOUTS = (
     "q_proj/k_proj/v_proj/o_proj with head_dim (Llama, Mistral, Qwen2), "
-    "attention.self.query/key/value + attention.output.dense (BERT), c_attn/c_proj Conv1D (GPT-2)"
+    "attention.self.query/key/value + attention.output.dense (BERT), c_attn/c_proj Conv1D (GPT-2), "
+    "nn.MultiheadAttention with packed in_proj_weight (torchvision ViT)"
 )
-_MLP_LAYOUTS = "gate_proj/up_proj/down_proj (Llama, Mistral, Qwen2), intermediate.dense + output.dense (BERT), mlp.c_fc/c_proj (GPT-2)"
+_MLP_LAYOUTS = (
+    "gate_proj/up_proj/down_proj (Llama, Mistral, Qwen2), intermediate.dense + output.dense (BERT), mlp.c_fc/c_proj (GPT-2), "
+    "nn.Sequential Linear-activation-Linear (torchvision ViT)"
+)
+_ELEMENTWISE = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Mish, nn.Dropout, nn.Identity)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -104,13 +114,15 @@ class FeedForward:
 
 @dataclass(frozen=True)
 class LayerList:
-    """An ``nn.ModuleList`` of transformer blocks, by path, with its length."""
+    """An ``nn.ModuleList`` or ``nn.Sequential`` of transformer blocks, by path, with its length and
+    its children's names (``"0"``, ``"1"`` ... or torchvision's ``"encoder_layer_0"`` ...)."""
 
     path: str
     length: int
+    names: tuple[str, ...] = ()
 
     def layer(self, index: int) -> str:
-        return f"{self.path}.{index}"
+        return _join(self.path, self.names[index] if self.names else str(index))
 
 
 # ---- layer lists ---------------------------------------------------------------------------
@@ -129,13 +141,13 @@ def find_layer_lists(model: nn.Module) -> list[LayerList]:
     """Every ``nn.ModuleList`` of same-class blocks that contain attention (outermost ones only)."""
     found: list[LayerList] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
             continue
         if any(name.startswith(f"{other.path}.") for other in found):
             continue
         classes = {type(child) for child in module}
         if len(classes) == 1 and all(_mentions_attention(child) for child in module):
-            found.append(LayerList(name, len(module)))
+            found.append(LayerList(name, len(module), tuple(child for child, _ in module.named_children())))
     if not found:
         raise PrunescopeError(
             f"found no transformer layers in {type(model).__name__}: expected an nn.ModuleList of blocks "
@@ -218,11 +230,28 @@ def _fused(path: str, module: nn.Module) -> Attention | None:
     return Attention(path, "fused", head_dim, heads, heads, fused, fused, fused, _join(path, "c_proj"))
 
 
+def _mha(path: str, module: nn.Module) -> Attention | None:
+    from .pruned_attention import HeadPrunedAttention, is_plain_mha
+
+    if isinstance(module, HeadPrunedAttention):
+        heads, head_dim = module.num_heads, module.head_dim
+    elif isinstance(module, nn.MultiheadAttention):
+        if not is_plain_mha(module):
+            raise PrunescopeError(
+                f"attention module {path!r} (nn.MultiheadAttention) has separate kdim/vdim projections, bias_k/bias_v "
+                "or add_zero_attn; head pruning handles packed in_proj_weight only"
+            )
+        heads, head_dim = module.num_heads, module.head_dim
+    else:
+        return None
+    return Attention(path, "mha", head_dim, heads, heads, path, path, path, _join(path, "out_proj"))
+
+
 def find_attention(layer_path: str, layer: nn.Module) -> Attention:
     """The self-attention of one block, or a PrunescopeError naming the module it cannot handle."""
     for name, module in layer.named_modules():
         path = _join(layer_path, name)
-        for recognise in (_qkvo, _bert, _fused):
+        for recognise in (_qkvo, _bert, _fused, _mha):
             found = recognise(path, module)
             if found is not None:
                 return found
@@ -255,6 +284,10 @@ def find_feed_forward(layer_path: str, layer: nn.Module) -> FeedForward:
             if c_fc.nf != c_proj.nx or set(_parameterised_children(module)) != {"c_fc", "c_proj"}:
                 raise PrunescopeError(f"feed-forward {path!r} ({type(module).__name__}) is not a plain c_fc/c_proj MLP")
             return FeedForward(path, "fused", c_fc.nf, (_join(path, "c_fc"),), _join(path, "c_proj"))
+    for name, module in layer.named_modules():
+        found = _sequential_mlp(_join(layer_path, name), module)
+        if found is not None:
+            return found
     intermediate, output = getattr(layer, "intermediate", None), getattr(layer, "output", None)
     dense_in, dense_out = getattr(intermediate, "dense", None), getattr(output, "dense", None)
     if isinstance(dense_in, nn.Linear) and isinstance(dense_out, nn.Linear) and dense_in.out_features == dense_out.in_features:
@@ -264,6 +297,21 @@ def find_feed_forward(layer_path: str, layer: nn.Module) -> FeedForward:
         f"block {layer_path!r} ({type(layer).__name__}) has no feed-forward network prunescope recognises; "
         f"neuron pruning handles: {_MLP_LAYOUTS}"
     )
+
+
+def _sequential_mlp(path: str, module: nn.Module) -> FeedForward | None:
+    """``nn.Sequential(Linear, elementwise..., Linear, elementwise...)`` whose Linears meet in width."""
+    if not isinstance(module, nn.Sequential):
+        return None
+    children = list(module.named_children())
+    linears = [(n, c) for n, c in children if isinstance(c, nn.Linear)]
+    if len(linears) != 2 or not isinstance(children[0][1], nn.Linear):
+        return None
+    others = [c for _, c in children if not isinstance(c, nn.Linear)]
+    (first, producer), (second, consumer) = linears
+    if any(not isinstance(c, _ELEMENTWISE) for c in others) or producer.out_features != consumer.in_features:
+        return None
+    return FeedForward(path, "sequential", producer.out_features, (_join(path, first),), _join(path, second))
 
 
 # ---- unit groups ---------------------------------------------------------------------------
@@ -294,12 +342,17 @@ def head_group(model: nn.Module, attention: Attention, head_mode: str = "kv_grou
     modules = dict(model.named_modules())
     a, d = attention, attention.head_dim
     slices: list[Slice] = []
-    if a.layout == "fused":
+    if a.layout in ("fused", "mha"):
         split = a.heads * d
         if head_mode == "query" and a.heads == a.kv_heads:
             _no_query_mode(a, modules)
         for part in range(3):
-            slices += _tensor_slices(modules, a.q, "out", part * split, d)
+            if a.layout == "fused":
+                slices += _tensor_slices(modules, a.q, "out", part * split, d)
+            else:
+                slices.append(Slice(f"{a.q}.in_proj_weight", 0, part * split, d, "out"))
+                if modules[a.q].in_proj_bias is not None:
+                    slices.append(Slice(f"{a.q}.in_proj_bias", 0, part * split, d, "bias"))
         slices += _tensor_slices(modules, a.out, "in", 0, d)
         units = a.heads
     elif head_mode == "kv_group":

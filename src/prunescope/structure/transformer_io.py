@@ -2,8 +2,10 @@
 
 A folder written by :func:`save_shrunk` holds:
     ``model.safetensors``  the shrunk weights (tied duplicates stored once, HF's metadata ``format=pt``).
-    ``prunescope.json``    the spec: the origin's HF config and model class, and per block the kept
-                           (query heads, KV heads) and neurons, and which original blocks were kept.
+    ``prunescope.json``    the spec: the origin (a HF config and model class, or an origin string such
+                           as ``"torchvision:vit_b_16"`` with its constructor arguments), and per
+                           block the kept (query heads, KV heads) and neurons, and which original
+                           blocks were kept.
     ``config.json``        only when the shrunk model's own config describes it exactly (uniform
                            counts the config can express): then plain
                            ``transformers.AutoModel*.from_pretrained(folder)`` loads it too.
@@ -58,8 +60,9 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def shrink_spec(model: nn.Module, origin_config: Any) -> dict:
-    """The JSON spec of a shrunk model (see the module docstring)."""
+def shrink_spec(model: nn.Module, origin: dict) -> dict:
+    """The JSON spec of a shrunk model (see the module docstring); ``origin`` holds the spec's
+    origin entries (``class`` + ``origin_config``, or ``origin`` + ``origin_kwargs``)."""
     kept_blocks = getattr(model, KEPT_BLOCKS_ATTRIBUTE, {}) or {}
     lists = []
     for layers, counts in layer_counts(model):
@@ -74,25 +77,28 @@ def shrink_spec(model: nn.Module, origin_config: Any) -> dict:
     return {
         "format": SPEC_FORMAT,
         "version": SPEC_VERSION,
-        "class": type(model).__name__,
-        "origin_config": origin_config.to_dict(),
+        **origin,
         "layer_lists": lists,
         "weights": WEIGHTS_FILE,
         "params": sum(p.numel() for p in model.parameters()),
     }
 
 
-def save_shrunk(model: nn.Module, folder: str | Path, origin: nn.Module | Any) -> Path:
+def save_shrunk(model: nn.Module, folder: str | Path, origin: nn.Module | Any, origin_kwargs: dict | None = None) -> Path:
     """Write ``model`` (made by :func:`shrink_transformer` from ``origin``) to ``folder``.
 
     Args:
-        model: the shrunk transformers model.
+        model: the shrunk model.
         folder: created if needed; files are written atomically, the spec last.
-        origin: the dense model it was shrunk from, or its HF config.
+        origin: for a transformers model, the dense model it was shrunk from or its HF config; for
+            any other model, an origin string (``"torchvision:vit_b_16"``) that builds the dense one.
+        origin_kwargs: constructor arguments of a string origin (e.g. ``{"num_classes": 10}``).
 
     Returns:
         The path of the spec file.
     """
+    if isinstance(origin, str):
+        return _save_with_origin(model, Path(folder), origin, origin_kwargs or {})
     transformers = _transformers()
     if not isinstance(model, transformers.PreTrainedModel):
         raise PrunescopeError(f"save_shrunk needs a transformers model; got {type(model).__name__}")
@@ -103,7 +109,7 @@ def save_shrunk(model: nn.Module, folder: str | Path, origin: nn.Module | Any) -
             f"origin must be the dense model {type(model).__name__} was shrunk from, or its config "
             f"(model_type {model.config.model_type!r}); got {type(origin).__name__}"
         )
-    spec = shrink_spec(model, origin_config)
+    spec = shrink_spec(model, {"class": type(model).__name__, "origin_config": origin_config.to_dict()})
     origin_layers = getattr(origin_config, "num_hidden_layers", None)
     if len(spec["layer_lists"]) == 1 and spec["layer_lists"][0]["origin_length"] != origin_layers:
         raise PrunescopeError(
@@ -123,6 +129,20 @@ def save_shrunk(model: nn.Module, folder: str | Path, origin: nn.Module | Any) -
         write_text_atomic(config_file, config.to_json_string())
     elif config_file.exists():
         config_file.unlink()
+    return write_text_atomic(folder / SPEC_FILE, json.dumps(spec, indent=1) + "\n")
+
+
+def _save_with_origin(model: nn.Module, folder: Path, origin: str, origin_kwargs: dict) -> Path:
+    """Save a shrunk non-transformers model (torchvision ViT) whose dense form ``origin`` builds."""
+    from safetensors.torch import save
+
+    from .channel_io import build_origin
+
+    dense = build_origin(origin, origin_kwargs)  # refuses an unknown origin before anything is written
+    spec = shrink_spec(model, {"origin": origin, "origin_kwargs": origin_kwargs})
+    _removals_for(dense, spec)  # refuses a model that origin cannot be shrunk into
+    write_bytes_atomic(folder / WEIGHTS_FILE, save(_unique_state(model)))
+    spec["hf_loadable"] = False
     return write_text_atomic(folder / SPEC_FILE, json.dumps(spec, indent=1) + "\n")
 
 
@@ -204,9 +224,13 @@ def load_shrunk(folder: str | Path) -> nn.Module:
     to the spec's counts, then the weights (shapes checked tensor by tensor). Returned in eval mode."""
     folder = Path(folder)
     spec = _read_spec(folder)
-    cls = _model_class(spec["class"])
-    config = cls.config_class.from_dict(spec["origin_config"])
-    model = cls(config)
+    if "origin" in spec:
+        from .channel_io import build_origin
+
+        model = build_origin(spec["origin"], spec.get("origin_kwargs"))
+    else:
+        cls = _model_class(spec["class"])
+        model = cls(cls.config_class.from_dict(spec["origin_config"]))
     kv_and_neurons, queries, blocks = _removals_for(model, spec)
     for removals, head_mode in ((kv_and_neurons, "kv_group"), (queries, "query"), (blocks, "kv_group")):
         if removals:

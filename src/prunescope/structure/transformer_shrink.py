@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import PrunescopeError
 from .groups import UnitGroup
+from .pruned_attention import HeadPrunedAttention
 from .transformer_find import (
     Attention,
     FeedForward,
@@ -71,6 +72,9 @@ def shrink_in_place(model: nn.Module, removals: Mapping[str, Sequence[int]], *, 
     inside = [name for name in plan if plan[name] and any(name.startswith(f"{b}.") for b in blocks)]
     if inside:
         raise PrunescopeError(f"removals name units inside removed blocks: {', '.join(inside[:5])}; drop one or the other")
+    for name in plan:
+        if name in attentions and plan[name] and attentions[name].layout == "mha":
+            _replace_mha(model, name)
     _slice_units(model, [(groups[n], plan[n]) for n in plan if groups[n].granularity != "block" and plan[n]])
     for name in plan:
         if name in attentions and plan[name]:
@@ -148,7 +152,32 @@ def _kept(size: int, removed: set[int]) -> torch.Tensor | None:
     return torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long) if removed else None
 
 
+def _replace_mha(model: nn.Module, path: str) -> None:
+    """Swap the ``nn.MultiheadAttention`` at ``path`` for an equal :class:`HeadPrunedAttention`."""
+    module = model.get_submodule(path)
+    if isinstance(module, HeadPrunedAttention):
+        return
+    parent_path, _, attribute = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, attribute, HeadPrunedAttention.from_mha(module))
+
+
+def _slice_packed_attention(module: HeadPrunedAttention, remove_out: set[int]) -> None:
+    """Keep the rows of ``in_proj_weight``/``in_proj_bias`` that belong to kept heads."""
+    keep = _kept(module.in_proj_weight.shape[0], remove_out)
+    if keep is None:
+        return
+    with torch.no_grad():
+        for name in ("in_proj_weight", "in_proj_bias"):
+            old = getattr(module, name)
+            if old is not None:
+                setattr(module, name, nn.Parameter(old.detach().index_select(0, keep.to(old.device)).clone(),
+                                                   requires_grad=old.requires_grad))
+
+
 def _slice_module(path: str, module: nn.Module, remove_out: set[int], remove_in: set[int]) -> None:
+    if isinstance(module, HeadPrunedAttention) and not remove_in:
+        _slice_packed_attention(module, remove_out)
+        return
     if not (isinstance(module, nn.Linear) or is_conv1d(module)):
         raise PrunescopeError(f"cannot shrink {path!r} ({type(module).__name__}): only Linear and Conv1D are sliced")
     if parametrize.is_parametrized(module):
@@ -186,6 +215,8 @@ def _sync_attention(model: nn.Module, attention: Attention) -> None:
         for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
             if isinstance(getattr(module, name, None), int):
                 setattr(module, name, value)
+    elif attention.layout == "mha":
+        module.num_heads = module.in_proj_weight.shape[0] // (3 * d)
     elif attention.layout == "bert":
         inner = module.self
         inner.num_attention_heads = inner.query.out_features // d
@@ -207,7 +238,7 @@ def _sync_feed_forward(model: nn.Module, ffn: FeedForward) -> None:
 def _drop_blocks(model: nn.Module, blocks: set[str]) -> None:
     """Delete blocks from their ModuleList, renumber ``layer_idx`` and the config's layer bookkeeping."""
     lists = find_layer_lists(model)
-    touched = [layers for layers in lists if any(b.startswith(f"{layers.path}.") for b in blocks)]
+    touched = [layers for layers in lists if any(layers.layer(i) in blocks for i in range(layers.length))]
     config = getattr(model, "config", None)
     if config is not None and len(lists) > 1:
         raise PrunescopeError(
@@ -218,11 +249,14 @@ def _drop_blocks(model: nn.Module, blocks: set[str]) -> None:
     for layers in touched:
         container = model.get_submodule(layers.path)
         keep = [i for i in range(layers.length) if layers.layer(i) not in blocks]
-        parent_path, _, attribute = layers.path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, attribute,
-                nn.ModuleList([container[i] for i in keep]))
+        children = list(container.named_children())
+        # in place, so a top-level container works too; a Sequential keeps its children's names
+        # (torchvision's "encoder_layer_2"), a ModuleList is renumbered 0..n-1 as it must be
+        container._modules = OrderedDict(
+            (children[i][0] if isinstance(container, nn.Sequential) else str(slot), children[i][1]) for slot, i in enumerate(keep)
+        )
         for new_index, i in enumerate(keep):
-            for module in container[i].modules():
+            for module in children[i][1].modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
                     module.layer_idx = new_index
         origin_length, previous = record.get(layers.path, (layers.length, list(range(layers.length))))
