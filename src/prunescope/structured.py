@@ -32,12 +32,17 @@ def structured_criterion(criterion: str) -> str:
 
 def structured_targets(model: nn.Module, granularity: str, example: Any = None, head_mode: str = "kv_group") -> list[Target]:
     """One :class:`Target` per unit group of ``granularity`` (channel groups need ``example``)."""
-    from .structure import find_channel_groups, find_transformer_groups
+    from .structure import find_channel_groups, find_residual_blocks, find_transformer_groups
+    from .structure.transformer_find import has_transformer_layers
 
     if granularity == "channel":
         if example is None:
             raise PrunescopeError("granularity 'channel' traces the model: give example= (one batch)")
         groups = find_channel_groups(model, example)
+    elif granularity == "block" and not has_transformer_layers(model):
+        if example is None:
+            raise PrunescopeError("residual blocks of a CNN are found by running the model: give example= (one batch)")
+        groups = find_residual_blocks(model, example)
     else:
         groups = find_transformer_groups(model, granularity, head_mode=head_mode)
     return [
@@ -88,13 +93,16 @@ def shrink(
     model: nn.Module, targets: Sequence[Target], removals: dict[str, list[int]], example: Any = None, head_mode: str = "kv_group"
 ) -> nn.Module:
     """A new, physically smaller model without the ``removals`` (group name -> unit indices)."""
-    from .structure import shrink_channels, shrink_transformer
+    from .structure import shrink_channels, shrink_residual_blocks, shrink_transformer
+    from .structure.transformer_find import has_transformer_layers
 
     granularities = {t.granularity for t in targets if t.name in removals}
     if granularities == {"channel"}:
         if example is None:
             raise PrunescopeError("shrinking channel groups traces the model: give example= (one batch)")
         return shrink_channels(model, removals, example)
+    if granularities == {"block"} and not has_transformer_layers(model):
+        return shrink_residual_blocks(model, [t.group for t in targets if t.group is not None], removals)
     if granularities and granularities <= {"head", "neuron", "block"}:
         return shrink_transformer(model, removals, head_mode=head_mode)
     if not granularities:

@@ -6,6 +6,7 @@ from .channel_plan import CHANNEL_CRITERIA, channel_unit_scores, plan_channel_re
 from .channel_shrink import count_flops, predicted_params, shrink_channels
 from .channels import find_channel_groups, refused_channel_groups
 from .groups import Slice, UnitGroup
+from .residual_blocks import find_residual_blocks, shrink_residual_blocks
 from .transformer_find import HEAD_MODES, TRANSFORMER_GRANULARITIES, find_transformer_groups
 from .transformer_io import load_shrunk, save_shrunk
 from .transformer_mask import mask_units
@@ -18,4 +19,5 @@ __all__ = [
     "shrink_channels",
     "HEAD_MODES", "Slice", "TRANSFORMER_GRANULARITIES", "UNIT_CRITERIA", "UnitGroup", "find_transformer_groups",
     "load_shrunk", "mask_units", "save_shrunk", "shrink_transformer", "unit_scores", "units_to_remove",
+    "find_residual_blocks", "shrink_residual_blocks",
 ]

@@ -12,6 +12,7 @@ from torch import nn
 from ..atomic import write_bytes_atomic, write_text_atomic
 from ..errors import PrunescopeError
 from .channel_shrink import SPEC_ATTRIBUTE, shrink_channels
+from .residual_blocks import REMOVED_STEP, remove_blocks
 
 FORMAT = "prunescope.channels/1"
 WEIGHTS = "model.safetensors"
@@ -42,17 +43,18 @@ def build_origin(origin: str, kwargs: dict | None = None) -> nn.Module:
 def save_shrunk_channels(model: nn.Module, folder: str | Path, origin: str, origin_kwargs: dict | None = None) -> Path:
     """Write ``model.safetensors`` and ``prunescope_channels.json`` into ``folder`` (atomically).
 
-    ``model`` must come from :func:`shrink_channels`; ``origin`` names the dense architecture it was
-    shrunk from (``"torchvision:resnet18"``, ``"prunescope:digits_cnn"``), ``origin_kwargs`` its
-    constructor arguments (e.g. ``{"num_classes": 10}``). The spec lists, per shrink step, the
-    example input shape used to trace the graph and the kept channel units of every group.
+    ``model`` must come from :func:`shrink_channels` or ``shrink_residual_blocks``; ``origin`` names
+    the dense architecture it was shrunk from (``"torchvision:resnet18"``, ``"prunescope:digits_cnn"``),
+    ``origin_kwargs`` its constructor arguments (e.g. ``{"num_classes": 10}``). The spec lists, per
+    shrink step, the example input shape used to trace the graph and the kept channel units of
+    every group, or the residual blocks removed.
     """
     from safetensors.torch import save
 
     steps = getattr(model, SPEC_ATTRIBUTE, None)
     if not steps:
-        raise PrunescopeError("the model was not made by shrink_channels, so there is no spec to save")
-    if any(step["example"] is None for step in steps):
+        raise PrunescopeError("the model was not made by shrink_channels or shrink_residual_blocks, so there is no spec to save")
+    if any(REMOVED_STEP not in step and step["example"] is None for step in steps):
         raise PrunescopeError("the model was shrunk with a non-tensor example input; only a single tensor input can be saved")
     build_origin(origin, origin_kwargs)  # refuse an unknown origin before writing anything
     spec = {
@@ -60,7 +62,7 @@ def save_shrunk_channels(model: nn.Module, folder: str | Path, origin: str, orig
         "origin": origin,
         "origin_kwargs": origin_kwargs or {},
         "steps": [
-            {
+            {REMOVED_STEP: list(step[REMOVED_STEP])} if REMOVED_STEP in step else {
                 "example": step["example"],
                 "kept": {name: [u for u in range(units) if u not in set(step["removed"][name])] for name, units in step["units"].items()},
                 "units": step["units"],
@@ -89,6 +91,9 @@ def load_shrunk_channels(folder: str | Path) -> nn.Module:
     model = build_origin(spec["origin"], spec.get("origin_kwargs")).eval()
     generator = torch.Generator().manual_seed(0)
     for step in spec["steps"]:
+        if REMOVED_STEP in step:
+            remove_blocks(model, step[REMOVED_STEP])
+            continue
         example = torch.randn(step["example"]["shape"], generator=generator).to(getattr(torch, step["example"]["dtype"]))
         removals = {name: [u for u in range(units) if u not in set(step["kept"][name])] for name, units in step["units"].items()}
         model = shrink_channels(model, removals, example)

@@ -156,6 +156,14 @@ def find_layer_lists(model: nn.Module) -> list[LayerList]:
     return found
 
 
+def has_transformer_layers(model: nn.Module) -> bool:
+    """Whether :func:`find_layer_lists` finds any transformer layer list in ``model``."""
+    try:
+        return bool(find_layer_lists(model))
+    except PrunescopeError:
+        return False
+
+
 def iter_layers(model: nn.Module) -> Iterator[tuple[LayerList, int, str, nn.Module]]:
     """(layer list, index, path, block) for every transformer block, in order."""
     for layers in find_layer_lists(model):
