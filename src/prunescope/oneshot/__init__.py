@@ -1,0 +1,18 @@
+"""One-shot pruning from calibration data: magnitude, Wanda and SparseGPT, block by block.
+
+- :mod:`.hessian`: input statistics of a Linear layer (``X^T X`` and column norms);
+- :mod:`.sparsegpt`, :mod:`.wanda`, :mod:`.prune_layer`: prune one layer from them;
+- :mod:`.blocks`, :mod:`.sequential`: calibrate a whole model block by block (:func:`prune_oneshot`).
+"""
+
+from .hessian import InputStats, StatsCollector, collect_input_stats
+from .layers import LayerResult
+from .prune_layer import ONESHOT_CRITERIA, prune_rows
+from .sequential import LayerReport, OneShotReport, prune_oneshot
+from .sparsegpt import sparsegpt_prune
+from .wanda import wanda_keep, wanda_prune
+
+__all__ = [
+    "InputStats", "LayerReport", "LayerResult", "ONESHOT_CRITERIA", "OneShotReport", "StatsCollector",
+    "collect_input_stats", "prune_oneshot", "prune_rows", "sparsegpt_prune", "wanda_keep", "wanda_prune",
+]
