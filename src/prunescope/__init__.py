@@ -10,6 +10,7 @@ from .levels import NMPattern, parse_level  # noqa: E402
 from .loading import load  # noqa: E402
 from .masks import keep_mask  # noqa: E402
 from .metrics import Metric  # noqa: E402
+from .oneshot import prune_oneshot  # noqa: E402
 from .plan import Budget, Plan  # noqa: E402
 from .profile import Cell, Profile  # noqa: E402
 from .scan import scan  # noqa: E402
@@ -18,5 +19,5 @@ from .targets import Target, default_excludes, find_targets  # noqa: E402
 __all__ = [
     "Budget", "Cell", "Evaluation", "Evaluator", "Metric", "NMPattern", "Plan", "Profile", "PrunescopeError",
     "Target", "allocate", "apply", "default_excludes", "evaluate", "find_targets", "keep_mask", "load", "load_masked",
-    "make_permanent", "masks_of", "parse_level", "scan", "sparsity_of",
+    "make_permanent", "masks_of", "parse_level", "prune_oneshot", "scan", "sparsity_of",
 ]

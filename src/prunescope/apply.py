@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import PrunescopeError
-from .masks import keep_mask
+from .masks import CALIBRATED_CRITERIA, keep_mask
 from .plan import Plan
 from .targets import prunable_modules
 
@@ -30,7 +30,14 @@ class WeightMask(nn.Module):
 
 
 def apply(
-    model: nn.Module, plan: Plan, mode: str = "mask", *, inplace: bool = False, seed: int = 0, example: Any = None
+    model: nn.Module,
+    plan: Plan,
+    mode: str = "mask",
+    *,
+    inplace: bool = False,
+    seed: int = 0,
+    example: Any = None,
+    calibration: Iterable[Any] | None = None,
 ) -> nn.Module:
     """Prune ``model`` as ``plan`` says and return it (a copy unless ``inplace``).
 
@@ -44,6 +51,12 @@ def apply(
     bypassed by a forward hook, which ``state_dict`` does not carry), and ``mode="shrink"``
     returns a new, physically smaller model (the input model is never changed). Channel plans
     trace the model and need ``example`` (one batch).
+
+    A plan made with a calibrated criterion (``"wanda"``, ``"sparsegpt"``) is applied by
+    :func:`prunescope.oneshot.prune_oneshot` on ``calibration`` (a list of batches, required):
+    block by block, each block calibrated on the outputs of the pruned blocks before it, so its
+    masks differ from the scan's (which pruned one layer of the dense model at a time). SparseGPT
+    also updates the kept weights; the masks are registered the same way.
     """
     if mode not in MODES:
         raise PrunescopeError(f"unknown apply mode {mode!r}; accepted: {', '.join(MODES)}")
@@ -51,6 +64,13 @@ def apply(
         return _apply_structured(model, plan, mode, inplace, example)
     if mode == "shrink":
         raise PrunescopeError("mode 'shrink' removes structured units; a weight plan applies as mode 'mask'")
+    if plan.criterion in CALIBRATED_CRITERIA:
+        if calibration is None:
+            raise PrunescopeError(f"plan criterion {plan.criterion!r} calibrates on data: pass calibration= "
+                                  "(a list of batches, e.g. held-out windows of the evaluation text)")
+        from .oneshot import prune_oneshot
+
+        return prune_oneshot(model, calibration, plan.criterion, plan.levels, inplace=inplace, mask=True)[0]
     result = model if inplace else copy.deepcopy(model)
     modules = dict(prunable_modules(result))
     missing = [name for name in plan.levels if name not in modules]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -147,18 +148,28 @@ def plan(
 def prune(
     model: str = typer.Option("digits-cnn", help=MODEL_HELP),
     plan: Path = typer.Option(Path("plan.json")),
-    data: str | None = typer.Option(None, help="evaluate dense vs pruned on this data: " + DATA_HELP),
+    data: str | None = typer.Option(None, help="evaluate dense vs pruned on this data: " + DATA_HELP
+                                    + " (one-shot default: pydoc for models with a tokenizer)"),
     metric: str | None = typer.Option(None),
     samples: int | None = typer.Option(None),
     batch_size: int | None = typer.Option(None),
     seq_len: int = typer.Option(512),
-    first_window: int = typer.Option(0),
+    first_window: int | None = typer.Option(None, help="first evaluation window (default 0; one-shot on text: the first window of the text's second half)"),
     split: str = typer.Option("test", help="digits split: val | test"),
     compare_uniform: bool = typer.Option(False, help="also evaluate a uniform plan at the same sparsity"),
     mode: str = typer.Option("mask", help="mask (zeros baked into the weights) | shrink (structured plans: a smaller model)"),
+    level: str | None = typer.Option(None, help="one-shot, no plan: prune every Linear of the model's blocks to this level (0.5, 2:4)"),
+    criterion: str | None = typer.Option(None, help="with --level: magnitude (default) | wanda | sparsegpt"),
+    calibration_samples: int = typer.Option(32, help="with --level: calibration windows from the text's first half (digits: training images)"),
+    include: list[str] | None = typer.Option(None, help="with --level: glob on layer names; repeatable"),
+    exclude: list[str] | None = typer.Option(None, help="with --level: glob on layer names; repeatable"),
     out: Path = typer.Option(Path("pruned"), help="folder for model.safetensors, plan.json, summary.json"),
 ) -> None:
-    """Apply a plan and save the pruned model: masked weights, or a physically smaller model."""
+    """Apply a plan and save the pruned model: masked weights, or a physically smaller model.
+
+    With --level instead of a plan: one-shot pruning of every Linear in the model's blocks by
+    --criterion, calibrated block by block on held-apart data, evaluated and saved the same way.
+    """
     from safetensors.torch import save_model
 
     from .apply import apply, make_permanent
@@ -167,32 +178,46 @@ def prune(
     from .structured import nonzero_parameters
 
     try:
-        loaded_plan = Plan.load(plan)
-        if data is not None:
-            loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
+        if level is not None:
+            if compare_uniform or mode != "mask":
+                raise PrunescopeError("--level prunes uniformly in one shot: it takes neither --compare-uniform nor --mode shrink")
+            pruned, loaded_plan, results, loaded = _prune_oneshot(
+                model, level, criterion or "magnitude", data, metric, samples, calibration_samples, batch_size, seq_len,
+                first_window, split, include, exclude)
+            title = f"{model} pruned in one shot by {loaded_plan.criterion} at level {level}"
         else:
-            from .models import load_model
+            if criterion is not None or include or exclude:
+                raise PrunescopeError("--criterion, --include and --exclude go with --level; a plan names its layers and criterion")
+            loaded_plan = Plan.load(plan)
+            if data is not None:
+                loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window or 0, split, metric)
+            else:
+                from .models import load_model
 
-            loaded, evaluator = load_model(model), None
-        example = evaluator.batches[0] if evaluator is not None else None
-        if loaded_plan.granularity == "channel" and example is None:
-            raise PrunescopeError("a channel plan traces the model: give --data")
-        example_inputs = example[0] if isinstance(example, (tuple, list)) else example
-        pruned = apply(loaded.model, loaded_plan, mode, example=example_inputs)
-        results = {"plan_sparsity": loaded_plan.sparsity, "method": loaded_plan.method, "mode": mode,
-                   "params_dense": nonzero_parameters(loaded.model)}
-        if evaluator is not None:
-            started = time.perf_counter()
-            results["dense"] = evaluator.evaluate(progress=True).value
-            results["pruned"] = evaluator.evaluate(pruned, progress=True).value
-            if compare_uniform and loaded_plan.granularity == "block":
-                console.print("no uniform comparison for blocks: a block is kept or removed whole")
-            elif compare_uniform:
-                uniform = Plan({n: loaded_plan.sparsity for n in loaded_plan.levels}, dict(loaded_plan.params), loaded_plan.criterion,
-                               loaded_plan.granularity, method="uniform", details=loaded_plan.details)
-                results["uniform"] = evaluator.evaluate(apply(loaded.model, uniform, mode, example=example_inputs), progress=True).value
-            results["metric"] = evaluator.metric.name
-            results["eval_seconds"] = time.perf_counter() - started
+                loaded, evaluator = load_model(model), None
+            example = evaluator.batches[0] if evaluator is not None else None
+            if loaded_plan.granularity == "channel" and example is None:
+                raise PrunescopeError("a channel plan traces the model: give --data")
+            example_inputs = example[0] if isinstance(example, (tuple, list)) else example
+            pruned = apply(loaded.model, loaded_plan, mode, example=example_inputs)
+            results = {"plan_sparsity": loaded_plan.sparsity, "method": loaded_plan.method, "mode": mode,
+                       "params_dense": nonzero_parameters(loaded.model)}
+            if evaluator is not None:
+                started = time.perf_counter()
+                results["dense"] = evaluator.evaluate(progress=True).value
+                results["pruned"] = evaluator.evaluate(pruned, progress=True).value
+                if compare_uniform and loaded_plan.granularity == "block":
+                    console.print("no uniform comparison for blocks: a block is kept or removed whole")
+                elif compare_uniform:
+                    uniform = Plan({n: loaded_plan.sparsity for n in loaded_plan.levels}, dict(loaded_plan.params), loaded_plan.criterion,
+                                   loaded_plan.granularity, method="uniform", details=loaded_plan.details)
+                    results["uniform"] = evaluator.evaluate(apply(loaded.model, uniform, mode, example=example_inputs), progress=True).value
+                results["metric"] = evaluator.metric.name
+                results["eval_seconds"] = time.perf_counter() - started
+            words = {"sparsity": "of the scanned parameters", "params": "of all parameters", "flops": "of the FLOPs"}
+            budget = loaded_plan.budget
+            asked = f"budget: {budget.fraction:.0%} {words[budget.kind]}" if budget else f"{loaded_plan.sparsity:.1%} of the scanned parameters"
+            title = f"{model} pruned by a {loaded_plan.method} plan ({asked}), mode {mode}"
         if mode == "shrink":
             _save_shrunk(pruned, loaded, out)
         else:
@@ -206,10 +231,7 @@ def prune(
         write_text_atomic(out / "summary.json", json.dumps(results, indent=1))
     except PrunescopeError as error:
         _fail(error)
-    words = {"sparsity": "of the scanned parameters", "params": "of all parameters", "flops": "of the FLOPs"}
-    budget = loaded_plan.budget
-    asked = f"budget: {budget.fraction:.0%} {words[budget.kind]}" if budget else f"{loaded_plan.sparsity:.1%} of the scanned parameters"
-    table = Table(title=f"{model} pruned by a {loaded_plan.method} plan ({asked}), mode {mode}")
+    table = Table(title=title)
     table.add_column("model")
     table.add_column(results.get("metric", "metric"), justify="right")
     table.add_column("non-zero parameters", justify="right")
@@ -219,6 +241,57 @@ def prune(
             table.add_row(key if key != "uniform" else "uniform plan, same sparsity", f"{results[key]:.5g}", params)
     console.print(table)
     console.print(f"wrote {out}/model.safetensors, plan.json, summary.json")
+
+
+def _prune_oneshot(model_spec: str, level: str, criterion: str, data_spec: str | None, metric: str | None, samples: int | None,
+                   calibration_samples: int, batch_size: int | None, seq_len: int, first_window: int | None, split: str,
+                   include: list[str] | None, exclude: list[str] | None):
+    """Load, calibrate apart from the evaluation data, evaluate dense, prune in place, evaluate pruned.
+
+    Returns (pruned model, the uniform plan it amounts to, summary results, the loaded model).
+    """
+    from .data import oneshot_data
+    from .evaluator import Evaluator
+    from .levels import parse_level
+    from .models import load_model
+    from .oneshot import prune_oneshot
+    from .oneshot.prune_layer import check_oneshot_criterion, needs_data
+    from .plan import Plan
+    from .structured import nonzero_parameters
+
+    parsed = parse_level(level)
+    check_oneshot_criterion(criterion)
+    started = time.perf_counter()
+    loaded = load_model(model_spec, progress=True)
+    if data_spec is None and loaded.evaluator is not None:
+        evaluator, calibration = loaded.evaluator, loaded.evaluator.batches
+        described = "the python factory's evaluator; calibration on the same batches"
+    else:
+        data_spec = data_spec or ("pydoc" if loaded.tokenizer is not None else "digits" if model_spec == "digits-cnn" else None)
+        if data_spec is None:
+            raise PrunescopeError(f"--data is required for model {model_spec!r}; accepted: {DATA_HELP}")
+        calibration_data, held_out = oneshot_data(data_spec, loaded, calibration_samples=calibration_samples, samples=samples,
+                                                  batch_size=batch_size, seq_len=seq_len, first_window=first_window, split=split)
+        evaluator, calibration = Evaluator(loaded.model, held_out.batches, metric or held_out.metric), calibration_data.batches
+        described = f"evaluation on {held_out.description}" + (f"; calibration on {calibration_data.description}" if needs_data(criterion) else "")
+    console.print(f"model {model_spec} loaded in {time.perf_counter() - started:.1f}s; {described}; metric: {evaluator.metric.name}")
+    started = time.perf_counter()
+    dense = evaluator.dense.value  # before pruning in place (also fixes the reference outputs of kl/cosine)
+    params_dense = nonzero_parameters(loaded.model)
+    eval_seconds = time.perf_counter() - started
+    pruned, report = prune_oneshot(loaded.model, calibration, criterion, parsed, include=include, exclude=exclude,
+                                   inplace=True, progress=True)
+    started = time.perf_counter()
+    value = evaluator.evaluate(pruned, progress=True).value
+    eval_seconds += time.perf_counter() - started
+    params = {layer.name: pruned.get_submodule(layer.name).weight.numel() for layer in report.layers}
+    plan = Plan({layer.name: parsed if isinstance(parsed, float) else str(parsed) for layer in report.layers}, params, criterion,
+                method="oneshot", details={"data": described})
+    results = {"plan_sparsity": plan.sparsity, "method": "oneshot", "criterion": criterion, "level": level, "mode": "mask",
+               "params_dense": params_dense, "dense": dense, "pruned": value, "metric": evaluator.metric.name,
+               "eval_seconds": eval_seconds, "prune_seconds": report.seconds, "data": described,
+               "layers": [asdict(layer) for layer in report.layers]}
+    return pruned, plan, results, loaded
 
 
 def _save_shrunk(model, loaded, out: Path) -> None:

@@ -30,20 +30,48 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+def token_ids(text: str, tokenizer: Any) -> torch.Tensor:
+    """The text's token ids, without special tokens, as a 1-D long tensor."""
+    if tokenizer is None:
+        raise PrunescopeError("text data needs a model with a tokenizer (hf:PATH, smollm2, minilm)")
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
 def token_windows(
     text: str, tokenizer: Any, seq_len: int, windows: int, first_window: int = 0, batch_size: int = 1
 ) -> list[dict[str, torch.Tensor]]:
     """Non-overlapping windows of ``seq_len`` tokens, starting at window ``first_window``."""
-    if tokenizer is None:
-        raise PrunescopeError("text data needs a model with a tokenizer (hf:PATH, smollm2, minilm)")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return windows_of(token_ids(text, tokenizer), seq_len, windows, first_window, batch_size)
+
+
+def windows_of(ids: torch.Tensor, seq_len: int, windows: int, first_window: int = 0, batch_size: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Windows ``first_window`` .. ``first_window + windows - 1`` of ``seq_len`` tokens of ``ids``, batched."""
     available = ids.numel() // seq_len
-    if first_window + windows > available:
+    if windows < 1 or first_window < 0 or first_window + windows > available:
         raise PrunescopeError(
             f"the text has {available} windows of {seq_len} tokens; asked for windows {first_window}..{first_window + windows - 1}"
         )
     chunk = ids[first_window * seq_len : (first_window + windows) * seq_len].view(windows, seq_len)
     return [{"input_ids": chunk[i : i + batch_size]} for i in range(0, windows, batch_size)]
+
+
+def split_windows(
+    text: str, tokenizer: Any, seq_len: int, calibration: int, evaluation: int, first_window: int | None = None, batch_size: int = 1
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], int]:
+    """Calibration windows from the start of the text's first half, evaluation windows from its second.
+
+    The text is cut into whole windows of ``seq_len`` tokens and the windows into two halves;
+    ``first_window`` moves the evaluation windows (default: the first window of the second half)
+    but may not overlap the calibration windows. Returns (calibration, evaluation, first evaluation window).
+    """
+    ids = token_ids(text, tokenizer)
+    half = (ids.numel() // seq_len) // 2
+    if calibration > half:
+        raise PrunescopeError(f"the text's first half has {half} windows of {seq_len} tokens; asked for {calibration} calibration windows")
+    start = half if first_window is None else first_window
+    if start < calibration:
+        raise PrunescopeError(f"evaluation windows from {start} would overlap the calibration windows 0..{calibration - 1}")
+    return (windows_of(ids, seq_len, calibration, 0, batch_size), windows_of(ids, seq_len, evaluation, start, batch_size), start)
 
 
 def random_inputs(shape: tuple[int, ...], samples: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
@@ -100,3 +128,46 @@ def _read_text(path: str) -> str:
     if not file.is_file():
         raise PrunescopeError(f"text file {path!r} does not exist")
     return file.read_text(encoding="utf-8", errors="replace")
+
+
+def oneshot_data(
+    spec: str,
+    loaded: LoadedModel,
+    *,
+    calibration_samples: int,
+    samples: int | None = None,
+    batch_size: int | None = None,
+    seq_len: int = 512,
+    first_window: int | None = None,
+    split: str = "test",
+) -> tuple[Data, Data]:
+    """(calibration, evaluation) data for one-shot pruning, kept apart.
+
+    Text (pydoc, text:FILE): ``calibration_samples`` windows from the start of the first half,
+    ``samples`` (default 4) evaluation windows from the second half (see :func:`split_windows`).
+    digits: the first ``calibration_samples`` training images, evaluation on ``split``.
+    random:C,H,W: ``calibration_samples`` inputs of seed 1 (evaluation inputs use seed 0).
+    """
+    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
+        raise PrunescopeError(f"calibration samples must be a positive integer; got {calibration_samples!r}")
+    kind, _, rest = spec.partition(":")
+    if spec == "pydoc" or kind == "text":
+        text = pydoc_text() if spec == "pydoc" else _read_text(rest)
+        windows = samples or 4
+        calibration, evaluation, start = split_windows(text, loaded.tokenizer, seq_len, calibration_samples, windows,
+                                                       first_window, batch_size or 1)
+        metric = "perplexity" if loaded.kind == "causal_lm" else "cosine"
+        source = "pydoc_data.topics" if spec == "pydoc" else rest
+        return (Data(calibration, metric, f"{source}: windows 0..{calibration_samples - 1} of {seq_len} tokens (first half)"),
+                Data(evaluation, metric, f"{source}: windows {start}..{start + windows - 1} of {seq_len} tokens"))
+    evaluation = load_data(spec, loaded, samples=samples, batch_size=batch_size, seq_len=seq_len,
+                           first_window=first_window or 0, split=split)
+    if spec == "digits":
+        from .digits import batches_of, digits_splits
+
+        x, y = digits_splits().train
+        x, y = x[:calibration_samples], y[:calibration_samples]
+        return Data(batches_of((x, y), batch_size or 120), "accuracy", f"sklearn digits train split, {len(y)} images"), evaluation
+    shape = tuple(evaluation.batches[0].shape[1:])  # random:C,H,W, the one spec left
+    inputs = random_inputs(shape, calibration_samples, batch_size or 8, seed=1)
+    return Data(inputs, "kl", f"{calibration_samples} random normal inputs of shape {shape}, seed 1"), evaluation

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,7 +15,7 @@ from .errors import PrunescopeError
 from .evaluator import Evaluator
 from .fingerprint import model_fingerprint
 from .levels import DEFAULT_LEVELS, Level, NMPattern, level_key, level_sparsity, parse_levels
-from .masks import check_criterion, check_nm_compatible, keep_mask
+from .masks import CALIBRATED_CRITERIA, check_criterion, check_nm_compatible, keep_mask
 from .profile import Cell, Profile
 from .progress import progress_bar
 from .stats import paired_change
@@ -35,6 +36,7 @@ def scan(
     seed: int = 0,
     confidence: float = 0.95,
     round_to: int | None = None,
+    calibration: Iterable[Any] | None = None,
     progress: bool = False,
 ) -> Profile:
     """Measure the metric change of every (target, level) cell, one cell at a time.
@@ -51,6 +53,12 @@ def scan(
     ``"bn_scale"`` (channels) or ``"random"``; ``round_to`` keeps the kept count a multiple of it.
     Removal is emulated exactly (the masked model computes what the shrunk model computes). A block
     target has one cell, level ``"1"``: the block replaced by the identity.
+
+    Calibrated criteria ``"wanda"`` and ``"sparsegpt"`` (Linear and GPT-2 Conv1D weight targets)
+    prune each layer from the statistics of its inputs in the dense model, gathered by hooks over
+    ``calibration`` (batches fed like the evaluator's; default: the evaluator's own batches, which
+    makes the scan calibrate on the data it measures). SparseGPT also updates the kept weights of
+    the layer for the cell; the original weight is copied back afterwards.
     """
     if not isinstance(evaluator, Evaluator):
         raise PrunescopeError("evaluator must be a prunescope.Evaluator built on the model and its batches")
@@ -65,14 +73,29 @@ def scan(
     if not targets:
         raise PrunescopeError("targets is empty: give at least one Target (see find_targets)")
     granularity = _single_granularity(targets)
+    dense_stats, calibration_identity = None, {}
     if granularity == "weight":
         check_criterion(criterion)
         weights = {t.name: weight_of(model, t) for t in targets}
+        if criterion in CALIBRATED_CRITERIA:
+            from .oneshot.dense_stats import DenseStats, batches_fingerprint
+
+            if calibration is None:
+                calibration, calibration_identity = evaluator.batches, {"calibration": "evaluator batches"}
+            else:
+                calibration = list(calibration)
+                if not calibration:
+                    raise PrunescopeError("calibration batches are empty: give at least one batch, or None for the evaluator's")
+                calibration_identity = {"calibration": batches_fingerprint(calibration)}
+            dense_stats = DenseStats(model, calibration, [t.name for t in targets], criterion)
         for level in parsed_levels:
             if isinstance(level, NMPattern):
                 for t in targets:
                     check_nm_compatible(t.shape, t.input_dim, level, t.name)
     else:
+        if criterion in CALIBRATED_CRITERIA:
+            raise PrunescopeError(f"criterion {criterion!r} prunes elements of Linear weights; {granularity} targets take "
+                                  "magnitude (= l2), l1, l2, bn_scale or random")
         structured_criterion(criterion)
         if any(isinstance(level, NMPattern) for level in parsed_levels):
             raise PrunescopeError(f"N:M levels apply to weights only; {granularity} targets take fractions of their units")
@@ -90,6 +113,7 @@ def scan(
         "batches": len(evaluator.batches),
         "seed": seed,
         "round_to": round_to,
+        **calibration_identity,
         "prunescope": __version__,
         "torch": torch.__version__,
     }
@@ -98,6 +122,7 @@ def scan(
         identity = {"model": fingerprint_before, "data": evaluator.fingerprint, "metric": evaluator.metric.name,
                     "criterion": criterion, "seed": seed, "levels": level_keys, "granularity": granularity,
                     "confidence": confidence, **({"round_to": round_to} if round_to else {}),
+                    **calibration_identity,
                     **({"head_mode": head_mode_of(targets)} if granularity == "head" else {})}
         cell_store = CellStore(store, identity)
 
@@ -114,7 +139,7 @@ def scan(
                 cell = cell_store.get(target.name, key) if cell_store else None
                 if cell is None:
                     if granularity == "weight":
-                        removal = _weight_removal(target, weights[target.name], level, criterion, seed)
+                        removal = _weight_removal(target, weights[target.name], level, criterion, seed, model, dense_stats)
                     else:
                         removal = _unit_removal(model, target, level, criterion, seed, round_to)
                     cell = _measure_cell(model, evaluator, target.name, key, removal, confidence)
@@ -148,15 +173,25 @@ def _single_granularity(targets: list[Target]) -> str:
     return kinds[0]
 
 
-def _weight_removal(target: Target, weight: torch.Tensor, level: float | NMPattern, criterion: str, seed: int):
-    """(sparsity, apply) for a weight target: apply() zeroes the masked elements in place and
-    returns a restore that copies the original values back."""
-    mask = keep_mask(weight, level, criterion, target.input_dim, seed=seed, key=target.name)
+def _weight_removal(target: Target, weight: torch.Tensor, level: float | NMPattern, criterion: str, seed: int,
+                    model: torch.nn.Module, dense_stats=None):
+    """(sparsity, apply) for a weight target: apply() zeroes the masked elements in place (a
+    calibrated criterion writes its pruned, possibly updated weight) and returns a restore that
+    copies the original values back."""
+    if dense_stats is not None:
+        from .oneshot.dense_stats import pruned_weight
+
+        pruned = pruned_weight(model, target.name, level, criterion, dense_stats.get(target.name))
+    else:
+        mask = keep_mask(weight, level, criterion, target.input_dim, seed=seed, key=target.name)
 
     def apply_mask() -> Callable[[], None]:
         original = weight.detach().clone()
         with torch.no_grad():
-            weight.mul_(mask)
+            if dense_stats is not None:
+                weight.copy_(pruned)
+            else:
+                weight.mul_(mask)
 
         def restore() -> None:
             with torch.no_grad():
