@@ -1,7 +1,9 @@
 """Structured pruning of real transformers (issue 3): heads, FFN neurons and blocks, shrunk.
 
 For each model (SmolLM2-135M: causal LM, metric perplexity; all-MiniLM-L6-v2: sentence encoder,
-metric 1 - cosine of its mean-pooled embedding to the dense model's) and each granularity (head: a KV group with its query
+metric 1 - cosine of its mean-pooled embedding to the dense model's; torchvision ViT-B/16:
+random init, nn.MultiheadAttention, metric KL to the dense outputs on random 224 px images, a
+window being a batch of 8 images) and each granularity (head: a KV group with its query
 heads; neuron; block): scan the unit groups on ``--scan-windows`` pydoc windows, plan a
 ``--flops`` budget (fraction of Conv/Linear FLOPs removed, from the pruned shapes) by the
 threshold rule and, except for blocks, uniformly; shrink; then on ``--eval-windows`` held-out
@@ -22,7 +24,7 @@ import torch
 
 import prunescope as ps
 from prunescope.cost import CostModel
-from prunescope.data import pydoc_text, token_windows
+from prunescope.data import pydoc_text, random_inputs, token_windows
 from prunescope.latency import compare_latency
 from prunescope.models import load_model
 from prunescope.structured import parameter_count
@@ -31,25 +33,31 @@ LEVELS = {"head": (0.34, 0.67), "neuron": (0.25, 0.5, 0.75), "block": (1.0,)}
 FLOPS = {"head": 0.1, "neuron": 0.2, "block": 0.2}
 """Default FLOPs budget per granularity: attention projections are a small share of the FLOPs
 (SmolLM2: removing 2 of 3 KV groups everywhere saves 16.7%), so heads get a smaller budget."""
-METRIC = {"smollm2": "perplexity", "minilm": "cosine"}
+METRIC = {"smollm2": "perplexity", "minilm": "cosine", "torchvision:vit_b_16": "kl"}
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def outputs(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+def outputs(model: torch.nn.Module, batch: dict | torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        out = model(**batch)
+        out = model(**batch) if isinstance(batch, dict) else model(batch)
+    if isinstance(out, torch.Tensor):
+        return out
     return getattr(out, "logits", None) if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def run(spec: str, granularity: str, args: argparse.Namespace) -> list[dict]:
     loaded = load_model(spec)
     model = loaded.model
-    text = pydoc_text()
-    scan_batches = token_windows(text, loaded.tokenizer, args.seq_len, args.scan_windows)
-    eval_batches = token_windows(text, loaded.tokenizer, args.seq_len, args.eval_windows, first_window=100)
+    if loaded.kind == "vision":
+        scan_batches = random_inputs(loaded.input_shape, 8 * args.scan_windows, 8, seed=0)
+        eval_batches = random_inputs(loaded.input_shape, 8 * args.eval_windows, 8, seed=100)
+    else:
+        text = pydoc_text()
+        scan_batches = token_windows(text, loaded.tokenizer, args.seq_len, args.scan_windows)
+        eval_batches = token_windows(text, loaded.tokenizer, args.seq_len, args.eval_windows, first_window=100)
     scan_eval = ps.Evaluator(model, scan_batches, METRIC[spec])
     held_out = ps.Evaluator(model, eval_batches, METRIC[spec])
     targets = ps.find_targets(model, granularity)
