@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .allocate import allocate  # noqa: E402
 from .apply import apply, load_masked, make_permanent, masks_of, sparsity_of  # noqa: E402
 from .errors import PrunescopeError  # noqa: E402
+from .estimate import agreement, estimate  # noqa: E402
 from .evaluator import Evaluation, Evaluator, evaluate  # noqa: E402
 from .levels import NMPattern, parse_level  # noqa: E402
 from .loading import load  # noqa: E402
@@ -18,6 +19,6 @@ from .targets import Target, default_excludes, find_targets  # noqa: E402
 
 __all__ = [
     "Budget", "Cell", "Evaluation", "Evaluator", "Metric", "NMPattern", "Plan", "Profile", "PrunescopeError",
-    "Target", "allocate", "apply", "default_excludes", "evaluate", "find_targets", "keep_mask", "load", "load_masked",
+    "Target", "agreement", "allocate", "apply", "default_excludes", "estimate", "evaluate", "find_targets", "keep_mask", "load", "load_masked",
     "make_permanent", "masks_of", "parse_level", "prune_oneshot", "scan", "sparsity_of",
 ]

@@ -104,6 +104,55 @@ def scan(
 
 
 @app.command()
+def estimate(
+    method: str = typer.Option("fisher", help="magnitude | snip | taylor | fisher | obs | wanda | activation | apoz | block_influence | head_importance"),
+    model: str = typer.Option("digits-cnn", help=MODEL_HELP),
+    data: str | None = typer.Option(None, help=DATA_HELP + " (default: digits for digits-cnn)"),
+    metric: str | None = typer.Option(None, help="accuracy | loss | perplexity | kl (default: suits the data)"),
+    levels: str = typer.Option("0.1:0.9:0.1", help="comma list (0.3,0.5,2:4) or start:stop:step"),
+    criterion: str | None = typer.Option(None, help="the removal estimated, as scan's (default magnitude; obs: sparsegpt): magnitude | random; structured: magnitude (= l2) | l1 | l2 | bn_scale | random"),
+    granularity: str = typer.Option("weight", help="weight | channel | head | neuron | block"),
+    head_mode: str = typer.Option("kv_group", help="heads: kv_group (a KV group with its query heads) | query"),
+    round_to: int | None = typer.Option(None, help="structured: keep unit counts a multiple of this"),
+    include: list[str] | None = typer.Option(None, help="glob on layer names; repeatable"),
+    exclude: list[str] | None = typer.Option(None, help="glob on layer names; repeatable; 'none' keeps the default-excluded output layer"),
+    out: Path = typer.Option(Path("estimate.json"), help="profile file (.json or .csv), marked estimated"),
+    compare: Path | None = typer.Option(None, help="a measured profile (prunescope scan) of the same cells: store and print the Spearman rank correlation"),
+    samples: int | None = typer.Option(None, help="images, or token windows for text data"),
+    batch_size: int | None = typer.Option(None),
+    seq_len: int = typer.Option(512, help="tokens per window for text data"),
+    first_window: int = typer.Option(0, help="index of the first token window used"),
+    split: str = typer.Option("val", help="digits split: val | test"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Predict each layer's sensitivity from one or two passes over the data, without evaluating every cell."""
+    from .estimate import agreement
+    from .estimate import estimate as run_estimate
+    from .levels import parse_levels_text
+    from .profile import Profile
+    from .report import estimate_note, profile_table
+    from .targets import find_targets
+
+    try:
+        parsed_levels = parse_levels_text(levels)
+        measured = Profile.load(compare) if compare is not None else None
+        loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
+        targets = find_targets(loaded.model, granularity, include=include, exclude=_patterns(exclude),
+                               example=evaluator.batches[0], head_mode=head_mode)
+        console.print(f"{len(targets)} targets x {len(parsed_levels)} levels; method {method}")
+        profile = run_estimate(loaded.model, evaluator, targets, method, parsed_levels, criterion=criterion, seed=seed,
+                               round_to=round_to, progress=True)
+        profile.provenance.update({"model_spec": model, "data_spec": data})
+        if measured is not None:
+            profile.provenance["agreement"] = agreement(profile, measured).to_dict()
+        profile.save(out)
+    except PrunescopeError as error:
+        _fail(error)
+    console.print(profile_table(profile))
+    console.print(f"{estimate_note(profile)}; {profile.provenance['units']}; took {profile.provenance['seconds']:.1f}s; wrote {out}")
+
+
+@app.command()
 def plan(
     profile: Path = typer.Option(Path("profile.json"), help="profile from `prunescope scan`"),
     sparsity: float | None = typer.Option(None, help="fraction of the scanned layers' parameters to remove, in (0, 1)"),

@@ -25,6 +25,24 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return write_bytes_atomic(path, buffer.getvalue())
 
 
+def is_score(profile: Profile) -> bool:
+    """True for an estimated profile whose cells are rank-only scores, not metric values."""
+    return profile.kind == "estimated" and str(profile.provenance.get("units", "")).startswith("score")
+
+
+def estimate_note(profile: Profile) -> str:
+    """For an estimated profile: the method and, when it was measured against a scan, its Spearman
+    rank correlation with the measured drops (all cells, and the mean within a level); else ''."""
+    if profile.kind != "estimated":
+        return ""
+    note = f"estimated by {profile.provenance.get('method', '?')}"
+    agreement = profile.provenance.get("agreement")
+    if agreement:
+        note += (f"; Spearman vs measured scan {agreement['spearman']:.2f} over {agreement['cells']} cells "
+                 f"({agreement['mean_per_level']:.2f} within a level)")
+    return note
+
+
 def plot_sensitivity(profile: Profile, path: str | Path, plan: Plan | None = None) -> Path:
     """Metric vs fraction removed, one line per target with its confidence band; dense as a dashed line.
     With a plan, each target's planned level is marked on its curve."""
@@ -35,7 +53,7 @@ def plot_sensitivity(profile: Profile, path: str | Path, plan: Plan | None = Non
         if not cells:
             continue
         x = [0.0] + [c.sparsity for c in cells]
-        y = [profile.dense_value] + [c.value for c in cells]
+        y = [0.0 if is_score(profile) else profile.dense_value] + [c.value for c in cells]
         ax.plot(x, y, marker="o", ms=3, lw=1.2, color=color, label=target.name)
         if all(c.ci_low is not None for c in cells):
             low = [profile.dense_value] + [profile.dense_value + c.ci_low for c in cells]
@@ -44,13 +62,16 @@ def plot_sensitivity(profile: Profile, path: str | Path, plan: Plan | None = Non
         if plan is not None and len(profile.targets) <= 40 and target.name in plan.levels and not isinstance(plan.levels[target.name], str):
             level = float(plan.levels[target.name])
             ax.plot([level], [float(np.interp(level, x, y))], marker="*", ms=12, color=color, mec="black", mew=0.6)
-    ax.axhline(profile.dense_value, color="black", ls="--", lw=1, label=f"dense ({profile.dense_value:.4g})")
+    if not is_score(profile):
+        ax.axhline(profile.dense_value, color="black", ls="--", lw=1, label=f"dense ({profile.dense_value:.4g})")
     ax.set_xlabel(f"fraction of the layer's weights removed ({profile.criterion})")
-    ax.set_ylabel(profile.metric)
-    if profile.metric == "perplexity":
+    ax.set_ylabel(f"{profile.provenance.get('method')} score" if is_score(profile) else profile.metric)
+    if profile.metric == "perplexity" and not is_score(profile):
         ax.set_yscale("log")
     title = f"Pruning sensitivity per layer ({profile.kind}, {profile.provenance.get('samples', '?')} samples, {profile.confidence:.0%} CI)"
-    ax.set_title(title + ("; stars = plan" if plan and len(profile.targets) <= 40 else ""))
+    if profile.kind == "estimated":
+        title = f"Pruning sensitivity per layer ({estimate_note(profile)})"
+    ax.set_title(title + ("; stars = plan" if plan and len(profile.targets) <= 40 else ""), fontsize=10)
     if len(profile.targets) <= 24:
         ax.legend(fontsize=7, ncol=2 if len(profile.targets) > 12 else 1, loc="best")
     ax.grid(alpha=0.3)
@@ -84,7 +105,10 @@ def plot_heatmap(profile: Profile, path: str | Path) -> Path:
 def profile_table(profile: Profile, max_rows: int = 40) -> Table:
     """Per-target rows: params, the metric at each level, and the widest interval half-width."""
     levels = list(profile.levels)
-    table = Table(title=f"{profile.metric} when one layer is pruned (dense {profile.dense_value:.4g})")
+    if is_score(profile):
+        table = Table(title=f"{profile.provenance.get('method')} score when one layer is pruned (higher = predicted worse)")
+    else:
+        table = Table(title=f"{profile.metric} when one layer is pruned (dense {profile.dense_value:.4g})")
     table.add_column("target", no_wrap=True)
     table.add_column("params", justify="right")
     for level in levels:
@@ -97,8 +121,10 @@ def profile_table(profile: Profile, max_rows: int = 40) -> Table:
         row += ["-" if c is None else f"{c.value:.3g}" for c in cells]
         row.append(f"{max(widths):.2g}" if widths else "")
         table.add_row(*row)
+    captions = [estimate_note(profile)] if profile.kind == "estimated" else []
     if len(profile.targets) > max_rows:
-        table.caption = f"{len(profile.targets) - max_rows} more targets in the profile file"
+        captions.append(f"{len(profile.targets) - max_rows} more targets in the profile file")
+    table.caption = "; ".join(captions) or None
     return table
 
 
