@@ -117,11 +117,11 @@ class CountingEvaluator(ps.Evaluator):
         self.calls = 0
         self.fail_on = fail_on
 
-    def evaluate(self, model=None):
+    def evaluate(self, model=None, *args, **kwargs):
         self.calls += 1
         if self.fail_on is not None and self.calls == self.fail_on:
             raise Interrupted(f"interrupted on evaluation {self.calls}")
-        return super().evaluate(model)
+        return super().evaluate(model, *args, **kwargs)
 
 
 RESUME_LEVELS = [0.3, 0.6, 0.9, "2:4"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ class Evaluation:
     values: np.ndarray
     weights: np.ndarray
     value: float
+    batch_sizes: tuple[int, ...] = ()
+    """Samples contributed by each evaluated batch, in order (values are their concatenation)."""
 
     @property
     def samples(self) -> int:
@@ -106,16 +109,30 @@ class Evaluator:
         except Exception as error:  # the user's model failed: show its error once, briefly
             raise forward_failed(error, f"batch {index}") from error
 
-    def evaluate(self, model: torch.nn.Module | None = None, progress: bool = False) -> Evaluation:
-        """Run ``model`` (default: the dense model) over every batch in eval mode, without gradients;
-        ``progress`` shows a bar with ETA."""
+    def evaluate(
+        self,
+        model: torch.nn.Module | None = None,
+        progress: bool = False,
+        *,
+        batch_indices: Sequence[int] | None = None,
+        on_batch: Callable[[int], AbstractContextManager] | None = None,
+    ) -> Evaluation:
+        """Run ``model`` (default: the dense model) over the batches in eval mode, without gradients.
+
+        ``progress`` shows a bar with ETA; ``batch_indices`` evaluates only those batches (in that
+        order); ``on_batch(index)`` returns a context entered around each batch's forward pass
+        (incremental scans replay cached dense activations through it).
+        """
         model = self.model if model is None else model
         if self.metric.needs_reference and self._reference is None:
             self._reference = self._outputs(self.model)
+        indices = range(len(self.batches)) if batch_indices is None else list(batch_indices)
         values, weights = [], []
-        with _eval_mode(model), torch.no_grad(), progress_bar(len(self.batches), "evaluate", progress) as bar:
-            for index, batch in enumerate(self.batches):
-                output = self._forward(model, index, batch)
+        with _eval_mode(model), torch.no_grad(), progress_bar(len(indices), "evaluate", progress) as bar:
+            for index in indices:
+                batch = self.batches[index]
+                with on_batch(index) if on_batch is not None else nullcontext():
+                    output = self._forward(model, index, batch)
                 bar.advance(1)
                 reference = self._reference[index] if self._reference is not None else None
                 batch_values, batch_weights = self.metric.per_sample(output, batch, reference)
@@ -124,7 +141,16 @@ class Evaluator:
         all_values = torch.cat(values).numpy()
         all_weights = torch.cat(weights).numpy()
         mean = float((all_values * all_weights).sum() / all_weights.sum())
-        return Evaluation(self.metric.name, all_values, all_weights, self.metric.aggregate(mean))
+        sizes = tuple(int(v.numel()) for v in values)
+        return Evaluation(self.metric.name, all_values, all_weights, self.metric.aggregate(mean), sizes)
+
+    def dense_on(self, batch_indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The dense model's per-sample (values, weights) on ``batch_indices``, in that order."""
+        dense = self.dense
+        offsets = np.concatenate([[0], np.cumsum(dense.batch_sizes)])
+        pieces = [np.arange(offsets[i], offsets[i + 1]) for i in batch_indices]
+        chosen = np.concatenate(pieces) if pieces else np.arange(0)
+        return dense.values[chosen], dense.weights[chosen]
 
 
 class _eval_mode:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -14,14 +16,17 @@ from .cost import CostModel
 from .errors import PrunescopeError
 from .evaluator import Evaluator
 from .fingerprint import model_fingerprint
+from .incremental import DEFAULT_MEMORY_BYTES, PrefixCache
 from .levels import DEFAULT_LEVELS, Level, NMPattern, level_key, level_sparsity, parse_levels
 from .masks import CALIBRATED_CRITERIA, check_criterion, check_nm_compatible, keep_mask
 from .profile import Cell, Profile
 from .progress import progress_bar
-from .stats import paired_change
+from .stats import PairedChange, paired_change
 from .store import CellStore
 from .structured import BLOCK_LEVEL, head_mode_of, mask_target, structured_criterion, units_removed
 from .targets import Target, find_targets, weight_of
+
+MODES = ("exact", "adaptive")
 
 
 def scan(
@@ -37,6 +42,10 @@ def scan(
     confidence: float = 0.95,
     round_to: int | None = None,
     calibration: Iterable[Any] | None = None,
+    mode: str = "exact",
+    tolerance: float | None = None,
+    incremental: bool = True,
+    cache_bytes: int = DEFAULT_MEMORY_BYTES,
     progress: bool = False,
 ) -> Profile:
     """Measure the metric change of every (target, level) cell, one cell at a time.
@@ -59,6 +68,16 @@ def scan(
     ``calibration`` (batches fed like the evaluator's; default: the evaluator's own batches, which
     makes the scan calibrate on the data it measures). SparseGPT also updates the kept weights of
     the layer for the cell; the original weight is copied back afterwards.
+
+    Speed. With ``incremental`` (default) the dense outputs of the modules that run before a cell's
+    target are recorded once (up to ``cache_bytes`` in memory, the rest spilled to disk) and
+    replayed, so a cell runs only from its target onwards; every replay pattern is first checked
+    to reproduce the full forward on batch 0, else its cells run in full (see
+    :mod:`prunescope.incremental`). Results are identical to the full evaluation.
+    ``mode="adaptive"`` evaluates each cell batch by batch (at least two) and stops once the
+    half-width of the change's confidence interval is at most ``tolerance`` (metric units), or
+    once the interval lies entirely past ``max_drop``; each cell reports the samples it used.
+    ``mode="exact"`` (default) evaluates every batch.
     """
     if not isinstance(evaluator, Evaluator):
         raise PrunescopeError("evaluator must be a prunescope.Evaluator built on the model and its batches")
@@ -67,6 +86,10 @@ def scan(
         raise PrunescopeError(f"max_drop must be positive (metric units); got {max_drop}")
     if not 0 < confidence < 1:
         raise PrunescopeError(f"confidence must be in (0, 1); got {confidence}")
+    if mode not in MODES:
+        raise PrunescopeError(f"unknown scan mode {mode!r}; accepted: {', '.join(MODES)}")
+    if mode == "adaptive" and not (tolerance is not None and tolerance > 0):
+        raise PrunescopeError(f"mode 'adaptive' needs a positive tolerance (half-width of the change's interval, metric units); got {tolerance}")
     fingerprint_before = model_fingerprint(model)
     if targets is None:
         targets = find_targets(model, example=evaluator.batches[0])
@@ -123,9 +146,14 @@ def scan(
                     "criterion": criterion, "seed": seed, "levels": level_keys, "granularity": granularity,
                     "confidence": confidence, **({"round_to": round_to} if round_to else {}),
                     **calibration_identity,
+                    **({"mode": mode, "tolerance": tolerance} if mode == "adaptive" else {}),
                     **({"head_mode": head_mode_of(targets)} if granularity == "head" else {})}
         cell_store = CellStore(store, identity)
 
+    replay = _Replay(model, evaluator, targets, granularity, cache_bytes) if incremental else None
+    if replay is not None:
+        provenance["incremental"] = replay.summary()
+    measure = _Measure(evaluator, replay, mode, tolerance, confidence, max_drop)
     cells: list[Cell] = []
     total = len(targets) * len(parsed_levels)
     with progress_bar(total, "scan", enabled=progress) as bar:
@@ -142,7 +170,7 @@ def scan(
                         removal = _weight_removal(target, weights[target.name], level, criterion, seed, model, dense_stats)
                     else:
                         removal = _unit_removal(model, target, level, criterion, seed, round_to)
-                    cell = _measure_cell(model, evaluator, target.name, key, removal, confidence)
+                    cell = measure(model, target.name, key, removal)
                     if cell_store:
                         cell_store.append(cell)
                 cells.append(cell)
@@ -150,6 +178,8 @@ def scan(
                 if max_drop is not None and fractional and drop > max_drop:
                     stopped = True
                 bar.advance(1, f"{target.name} @ {key}: {cell.value:.4g}")
+    if replay is not None:
+        replay.close()
     return Profile(
         metric=evaluator.metric.name,
         higher_is_better=evaluator.higher_is_better,
@@ -208,32 +238,101 @@ def _unit_removal(model: torch.nn.Module, target: Target, level: float, criterio
     return len(remove) / target.group.units, lambda: mask_target(model, target, remove)
 
 
-def _measure_cell(
-    model: torch.nn.Module,
-    evaluator: Evaluator,
-    name: str,
-    key: str,
-    removal: tuple[float, Callable[[], Callable[[], None]]],
-    confidence: float,
-) -> Cell:
-    """Apply one removal in place, evaluate, and restore the model exactly."""
-    started = time.perf_counter()
-    sparsity, apply_removal = removal
-    restore = apply_removal()
-    try:
-        pruned = evaluator.evaluate(model)
-    finally:
-        restore()
-    dense = evaluator.dense
-    change = paired_change(dense.values, pruned.values, dense.weights, evaluator.metric.log_scale, confidence)
-    return Cell(
-        target=name,
-        level=key,
-        sparsity=sparsity,
-        value=change.value,
-        change=change.change,
-        ci_low=change.ci_low,
-        ci_high=change.ci_high,
-        samples=change.samples,
-        seconds=time.perf_counter() - started,
-    )
+class _Replay:
+    """Which recorded dense outputs each target's cells replay (see :mod:`prunescope.incremental`)."""
+
+    def __init__(self, model: torch.nn.Module, evaluator: Evaluator, targets: list[Target], granularity: str,
+                 cache_bytes: int) -> None:
+        self.cache = PrefixCache(model, evaluator, cache_bytes)
+        self.skips: dict[str, tuple[str, ...]] = {}
+        self.refused: list[tuple[str, ...]] = []
+        for target in targets:
+            skips = self.cache.skip_set(_cell_tensors(model, target, granularity))
+            if skips and not self.cache.verified(skips):
+                self.refused.append(skips)
+                skips = ()
+            self.skips[target.name] = skips
+        if self.refused:
+            warnings.warn(
+                f"incremental scan: replaying the recorded outputs of {', '.join(sorted({s[-1] for s in self.refused})[:3])} "
+                "did not reproduce the full forward pass on batch 0; those cells run the full model", stacklevel=3)
+
+    def summary(self) -> dict:
+        return {"units": len(self.cache.units), "targets_replaying": sum(1 for s in self.skips.values() if s),
+                "refused_replays": len(set(self.refused)), "cache_bytes_in_memory": self.cache.held_bytes,
+                "cache_bytes_spilled": self.cache.spilled_bytes}
+
+    def on_batch(self, target: str):
+        skips = self.skips.get(target, ())
+        return (lambda index: self.cache.skipping(skips, index)) if skips else None
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def _cell_tensors(model: torch.nn.Module, target: Target, granularity: str) -> list[torch.Tensor]:
+    """The parameters and buffers a target's cells change."""
+    if granularity == "weight":
+        return [weight_of(model, target)]
+    tensors = {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
+    return [tensors[s.tensor] for s in target.group.slices if s.tensor in tensors]
+
+
+class _Measure:
+    """Evaluate one cell: all batches (exact) or batch by batch until the interval is tight (adaptive)."""
+
+    def __init__(self, evaluator: Evaluator, replay: _Replay | None, mode: str, tolerance: float | None,
+                 confidence: float, max_drop: float | None) -> None:
+        self.evaluator, self.replay, self.mode = evaluator, replay, mode
+        self.tolerance, self.confidence, self.max_drop = tolerance, confidence, max_drop
+
+    def __call__(self, model: torch.nn.Module, name: str, key: str,
+                 removal: tuple[float, Callable[[], Callable[[], None]]]) -> Cell:
+        """Apply one removal in place, evaluate, and restore the model exactly."""
+        started = time.perf_counter()
+        sparsity, apply_removal = removal
+        on_batch = self.replay.on_batch(name) if self.replay is not None else None
+        restore = apply_removal()
+        try:
+            change = self._change(model, on_batch)
+        finally:
+            restore()
+        return Cell(
+            target=name,
+            level=key,
+            sparsity=sparsity,
+            value=change.value,
+            change=change.change,
+            ci_low=change.ci_low,
+            ci_high=change.ci_high,
+            samples=change.samples,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _change(self, model: torch.nn.Module, on_batch) -> PairedChange:
+        evaluator, log_scale = self.evaluator, self.evaluator.metric.log_scale
+        dense = evaluator.dense
+        if self.mode == "exact":
+            pruned = evaluator.evaluate(model, on_batch=on_batch)
+            return paired_change(dense.values, pruned.values, dense.weights, log_scale, self.confidence)
+        anchor = float((dense.values * dense.weights).sum() / dense.weights.sum())
+        done: list[int] = []
+        values: list[np.ndarray] = []
+        for index in range(len(evaluator.batches)):
+            done.append(index)
+            values.append(evaluator.evaluate(model, batch_indices=[index], on_batch=on_batch).values)
+            if len(done) < 2 and len(evaluator.batches) > 1:
+                continue
+            dense_values, dense_weights = evaluator.dense_on(done)
+            change = paired_change(dense_values, np.concatenate(values), dense_weights, log_scale, self.confidence, dense_mean=anchor)
+            if change.ci_low is None:
+                continue
+            if (change.ci_high - change.ci_low) / 2 <= self.tolerance or self._past_cap(change):
+                return change
+        return change
+
+    def _past_cap(self, change: PairedChange) -> bool:
+        if self.max_drop is None:
+            return False
+        worst_case_small = -change.ci_high if self.evaluator.higher_is_better else change.ci_low
+        return worst_case_small > self.max_drop

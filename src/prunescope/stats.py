@@ -26,16 +26,20 @@ def paired_change(
     weights: np.ndarray,
     log_scale: bool = False,
     confidence: float = 0.95,
+    dense_mean: float | None = None,
 ) -> PairedChange:
     """Weighted mean of the per-sample differences and its t interval (ratio-estimator variance).
 
     With ``log_scale`` the per-sample values are logs (token NLL) and the metric is exp(mean): the
     interval of the mean difference is mapped through exp, which is exact because exp is monotone.
+    ``dense_mean`` (on the per-sample scale) anchors the value and the exp mapping when the samples
+    are a subset of the data (adaptive scans): the change is then added to the full data's dense mean.
     """
     weights = np.asarray(weights, dtype=np.float64)
     diff = np.asarray(pruned_values, np.float64) - np.asarray(dense_values, np.float64)
     total = weights.sum()
-    dense_mean = float((weights * dense_values).sum() / total)
+    if dense_mean is None:
+        dense_mean = float((weights * dense_values).sum() / total)
     mean_diff = float((weights * diff).sum() / total)
     n = diff.size
     if n > 1:
