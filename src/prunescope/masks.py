@@ -43,6 +43,12 @@ def check_nm_compatible(shape: tuple[int, ...], input_dim: int, pattern: NMPatte
         )
 
 
+def magnitude_order(weight: torch.Tensor) -> torch.Tensor:
+    """Flat indices of ``weight`` from the smallest |w| up (ties: earlier position first)."""
+    with torch.no_grad():
+        return torch.argsort(weight.detach().reshape(-1).abs().float().cpu(), stable=True)
+
+
 def keep_mask(
     weight: torch.Tensor,
     level: Level,
@@ -50,12 +56,15 @@ def keep_mask(
     input_dim: int = 1,
     seed: int = 0,
     key: str = "",
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask of the weights to keep (True) under ``level`` and ``criterion``.
 
     A fraction removes exactly round(level * numel) elements, the smallest |w| for ``"magnitude"``
     (ties broken by position) or a seeded random choice for ``"random"`` (same seed, key and level,
     same mask). An :class:`NMPattern` keeps N of every M consecutive weights along ``input_dim``.
+    ``order`` is :func:`magnitude_order` of ``weight``, when the caller already has it (a scan
+    sorts each target once for all its levels).
     """
     check_criterion(criterion, calibrated=False)
     parsed = parse_level(level)
@@ -67,7 +76,7 @@ def keep_mask(
         mask = torch.ones(flat.numel(), dtype=torch.bool)
         if remove:
             if criterion == "magnitude":
-                order = torch.argsort(flat.abs().float().cpu(), stable=True)
+                order = magnitude_order(weight) if order is None else order
             else:
                 order = torch.randperm(flat.numel(), generator=_generator(seed, key, parsed))
             mask[order[:remove]] = False

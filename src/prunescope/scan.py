@@ -18,7 +18,7 @@ from .evaluator import Evaluator
 from .fingerprint import model_fingerprint
 from .incremental import DEFAULT_MEMORY_BYTES, PrefixCache
 from .levels import DEFAULT_LEVELS, Level, NMPattern, level_key, level_sparsity, parse_levels
-from .masks import CALIBRATED_CRITERIA, check_criterion, check_nm_compatible, keep_mask
+from .masks import CALIBRATED_CRITERIA, check_criterion, check_nm_compatible, keep_mask, magnitude_order
 from .profile import Cell, Profile
 from .progress import progress_bar
 from .stats import PairedChange, paired_change
@@ -159,6 +159,9 @@ def scan(
     with progress_bar(total, "scan", enabled=progress) as bar:
         for target in targets:
             stopped = False
+            order = None
+            if granularity == "weight" and criterion == "magnitude" and dense_stats is None:
+                order = magnitude_order(weights[target.name])  # one sort serves every fractional level
             for level, key in zip(parsed_levels, level_keys, strict=True):
                 fractional = not isinstance(level, NMPattern)
                 if stopped and fractional:
@@ -167,7 +170,7 @@ def scan(
                 cell = cell_store.get(target.name, key) if cell_store else None
                 if cell is None:
                     if granularity == "weight":
-                        removal = _weight_removal(target, weights[target.name], level, criterion, seed, model, dense_stats)
+                        removal = _weight_removal(target, weights[target.name], level, criterion, seed, model, dense_stats, order)
                     else:
                         removal = _unit_removal(model, target, level, criterion, seed, round_to)
                     cell = measure(model, target.name, key, removal)
@@ -204,7 +207,7 @@ def _single_granularity(targets: list[Target]) -> str:
 
 
 def _weight_removal(target: Target, weight: torch.Tensor, level: float | NMPattern, criterion: str, seed: int,
-                    model: torch.nn.Module, dense_stats=None):
+                    model: torch.nn.Module, dense_stats=None, order: torch.Tensor | None = None):
     """(sparsity, apply) for a weight target: apply() zeroes the masked elements in place (a
     calibrated criterion writes its pruned, possibly updated weight) and returns a restore that
     copies the original values back."""
@@ -213,7 +216,7 @@ def _weight_removal(target: Target, weight: torch.Tensor, level: float | NMPatte
 
         pruned = pruned_weight(model, target.name, level, criterion, dense_stats.get(target.name))
     else:
-        mask = keep_mask(weight, level, criterion, target.input_dim, seed=seed, key=target.name)
+        mask = keep_mask(weight, level, criterion, target.input_dim, seed=seed, key=target.name, order=order)
 
     def apply_mask() -> Callable[[], None]:
         original = weight.detach().clone()
