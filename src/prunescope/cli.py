@@ -73,6 +73,10 @@ def scan(
     first_window: int = typer.Option(0, help="index of the first token window used"),
     split: str = typer.Option("val", help="digits split: val | test"),
     seed: int = typer.Option(0),
+    mode: str = typer.Option("exact", help="exact (every batch) | adaptive (stop a cell once its interval is within --tolerance)"),
+    tolerance: float | None = typer.Option(None, help="adaptive: half-width of the change's interval to stop at (metric units)"),
+    incremental: bool = typer.Option(True, help="replay recorded dense activations before each cell's target"),
+    cache_mb: int = typer.Option(2048, help="incremental: MiB of recorded activations kept in memory (the rest spills to disk)"),
 ) -> None:
     """Measure each layer's sensitivity: prune one layer at one level, evaluate, restore."""
     from .levels import parse_levels_text
@@ -92,7 +96,8 @@ def scan(
         console.print(f"{len(targets)} targets x {len(parsed_levels)} levels; dense {evaluator.metric.name} = {evaluator.dense.value:.5g}")
         started = time.perf_counter()
         profile = run_scan(loaded.model, evaluator, targets, parsed_levels, criterion, store, max_drop=max_drop, seed=seed,
-                           round_to=round_to, progress=True)
+                           round_to=round_to, mode=mode, tolerance=tolerance, incremental=incremental,
+                           cache_bytes=cache_mb * 1024**2, progress=True)
         profile.provenance.update({"model_spec": model, "data_spec": data})
         profile.save(out)
         if out.suffix == ".json":
