@@ -118,17 +118,21 @@ def _same(a: Any, b: Any) -> bool:
 def capture_inputs(model: nn.Module, stack: BlockStack, batches: Iterable[Any]) -> list[BlockInput]:
     """Run the model on each batch up to its first block and record that block's arguments.
 
-    On the first batch the forward runs to the end and every block's keyword arguments are
-    compared with the first block's; a difference is refused (see the module docstring).
+    On the first batch the forward runs on to the last block and every block's keyword arguments
+    are compared with the first block's; a difference is refused (see the module docstring).
     """
     first_name, first = stack.blocks[0]
     captured: list[BlockInput] = []
     seen: dict[int, dict[str, Any]] = {}
     checking = len(stack.blocks) > 1
 
+    last = stack.blocks[-1][1]
+
     def record(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if checking:
             seen[id(module)] = dict(kwargs)
+            if module is last:
+                raise _Captured  # every block's arguments are known: spare the last block and the head
             if module is not first:
                 return
         captured.append(BlockInput(tuple(args), _scrub(kwargs)))
