@@ -248,6 +248,17 @@ def test_prune_oneshot_sparsity_selection_and_report(criterion):
     assert report.seconds > 0 and report.blocks == "model.layers"
 
 
+def test_levels_per_layer_and_all_dense():
+    model, batches = tiny_llama(), token_batches()
+    levels = {"model.layers.0.mlp.up_proj": "2:4", "model.layers.1.self_attn.v_proj": 0.25, "model.layers.1.mlp.up_proj": 0}
+    pruned, report = ps.prune_oneshot(model, batches, "sparsegpt", levels)
+    assert {layer.name: layer.level for layer in report.layers} == {"model.layers.0.mlp.up_proj": "2:4",
+                                                                     "model.layers.1.self_attn.v_proj": "0.25"}
+    assert torch.equal(pruned.model.layers[1].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight)
+    unchanged, report = ps.prune_oneshot(model, batches, "sparsegpt", {"model.layers.0.mlp.up_proj": 0})
+    assert report.layers == [] and all(torch.equal(a, b) for a, b in zip(unchanged.parameters(), model.parameters(), strict=True))
+
+
 def test_prune_oneshot_inplace_and_masks():
     model, batches = tiny_llama(), token_batches()
     same, report = ps.prune_oneshot(model, batches, "sparsegpt", "2:4", inplace=True, mask=True)

@@ -194,7 +194,7 @@ def prune_oneshot(
                 for name, lv in levels.items():
                     report.layers.append(_prune_layer(modules[name], name, lv, criterion, None, block_size, damp, mask))
                     bar.advance(1, name)
-        else:
+        elif levels:  # a plan may leave every layer dense (level 0): then nothing runs
             _calibrated(result, stack, calibration, levels, modules, criterion, block_size, damp, mask, report, progress)
     report.seconds = time.perf_counter() - started
     return result, report
