@@ -15,10 +15,11 @@ from .oneshot import prune_oneshot  # noqa: E402
 from .plan import Budget, Plan  # noqa: E402
 from .profile import Cell, Profile  # noqa: E402
 from .scan import scan  # noqa: E402
+from .shards import merge_profiles  # noqa: E402
 from .targets import Target, default_excludes, find_targets  # noqa: E402
 
 __all__ = [
     "Budget", "Cell", "Evaluation", "Evaluator", "Metric", "NMPattern", "Plan", "Profile", "PrunescopeError",
     "Target", "agreement", "allocate", "apply", "default_excludes", "estimate", "evaluate", "find_targets", "keep_mask", "load", "load_masked",
-    "make_permanent", "masks_of", "parse_level", "prune_oneshot", "scan", "sparsity_of",
+    "make_permanent", "masks_of", "merge_profiles", "parse_level", "prune_oneshot", "scan", "sparsity_of",
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,16 @@ from . import __version__
 from .cost import CostModel
 from .errors import PrunescopeError
 from .evaluator import Evaluator
+from .execution import check_execution, run_parallel
+from .execution.events import Task
+from .execution.payload import WorkerContext, pack
 from .fingerprint import model_fingerprint
 from .incremental import DEFAULT_MEMORY_BYTES, PrefixCache
 from .levels import DEFAULT_LEVELS, Level, NMPattern, level_key, level_sparsity, parse_levels
 from .masks import CALIBRATED_CRITERIA, check_criterion, check_nm_compatible, keep_mask, magnitude_order
 from .profile import Cell, Profile
 from .progress import progress_bar
+from .shards import shard_targets
 from .stats import PairedChange, paired_change
 from .store import CellStore
 from .structured import BLOCK_LEVEL, head_mode_of, mask_target, structured_criterion, units_removed
@@ -47,6 +52,9 @@ def scan(
     incremental: bool = True,
     cache_bytes: int = DEFAULT_MEMORY_BYTES,
     progress: bool = False,
+    workers: int | None = None,
+    executor: str = "local",
+    shard: tuple[int, int] | None = None,
 ) -> Profile:
     """Measure the metric change of every (target, level) cell, one cell at a time.
 
@@ -78,6 +86,18 @@ def scan(
     half-width of the change's confidence interval is at most ``tolerance`` (metric units), or
     once the interval lies entirely past ``max_drop``; each cell reports the samples it used.
     ``mode="exact"`` (default) evaluates every batch.
+
+    Execution. The unit of work is one target with all its levels. ``workers=N`` (``executor="local"``)
+    measures targets in N worker processes on this machine, each with ``torch.get_num_threads() // N``
+    threads (at least 1) and its own incremental cache; ``executor="ray"`` runs one Ray task per
+    target on the cluster ``ray.init()`` connects to (the model and batches put in the object store
+    once; ``workers`` caps the tasks in flight, default the cluster's CPUs). Either way this process
+    alone writes ``store`` (cell by cell as they arrive) and builds the Profile in the serial order,
+    with the same cells as ``workers=1``. A target whose worker dies or raises is retried once on a
+    fresh worker; a target that fails twice is reported by a PrunescopeError naming its missing cells,
+    raised after every other target has finished and been stored. ``shard=(i, n)`` measures every
+    n-th target from the i-th (one machine's share); :func:`prunescope.merge_profiles` joins the n
+    shard profiles into the profile of the whole scan. See :mod:`prunescope.execution`.
     """
     if not isinstance(evaluator, Evaluator):
         raise PrunescopeError("evaluator must be a prunescope.Evaluator built on the model and its batches")
@@ -90,16 +110,18 @@ def scan(
         raise PrunescopeError(f"unknown scan mode {mode!r}; accepted: {', '.join(MODES)}")
     if mode == "adaptive" and not (tolerance is not None and tolerance > 0):
         raise PrunescopeError(f"mode 'adaptive' needs a positive tolerance (half-width of the change's interval, metric units); got {tolerance}")
+    check_execution(workers, executor)
     fingerprint_before = model_fingerprint(model)
     if targets is None:
         targets = find_targets(model, example=evaluator.batches[0])
     if not targets:
         raise PrunescopeError("targets is empty: give at least one Target (see find_targets)")
+    if shard is not None:
+        targets = shard_targets(targets, shard)
     granularity = _single_granularity(targets)
     dense_stats, calibration_identity = None, {}
     if granularity == "weight":
         check_criterion(criterion)
-        weights = {t.name: weight_of(model, t) for t in targets}
         if criterion in CALIBRATED_CRITERIA:
             from .oneshot.dense_stats import DenseStats, batches_fingerprint
 
@@ -137,9 +159,17 @@ def scan(
         "seed": seed,
         "round_to": round_to,
         **calibration_identity,
+        **({"mode": mode, "tolerance": tolerance} if mode == "adaptive" else {}),
+        **({"shard": list(shard)} if shard is not None else {}),
         "prunescope": __version__,
         "torch": torch.__version__,
     }
+    settings = ScanSettings(granularity, criterion, tuple(parsed_levels), tuple(level_keys), seed, round_to, max_drop,
+                            mode, tolerance, confidence, incremental, cache_bytes)
+    parallel = executor == "ray" or (workers or 1) > 1
+    payload = None
+    if parallel:  # pickled before the store is opened: an unpicklable model writes nothing
+        payload = pack(WorkerContext(model, evaluator, list(targets), settings, calibration if dense_stats is not None else None))
     cell_store = None
     if store is not None:
         identity = {"model": fingerprint_before, "data": evaluator.fingerprint, "metric": evaluator.metric.name,
@@ -147,42 +177,19 @@ def scan(
                     "confidence": confidence, **({"round_to": round_to} if round_to else {}),
                     **calibration_identity,
                     **({"mode": mode, "tolerance": tolerance} if mode == "adaptive" else {}),
-                    **({"head_mode": head_mode_of(targets)} if granularity == "head" else {})}
+                    **({"head_mode": head_mode_of(targets)} if granularity == "head" else {}),
+                    **({"shard": list(shard)} if shard is not None else {})}
         cell_store = CellStore(store, identity)
 
-    replay = _Replay(model, evaluator, targets, granularity, cache_bytes) if incremental else None
-    if replay is not None:
-        provenance["incremental"] = replay.summary()
-    measure = _Measure(evaluator, replay, mode, tolerance, confidence, max_drop)
-    cells: list[Cell] = []
-    total = len(targets) * len(parsed_levels)
-    with progress_bar(total, "scan", enabled=progress) as bar:
-        for target in targets:
-            stopped = False
-            order = None
-            if granularity == "weight" and criterion == "magnitude" and dense_stats is None:
-                order = magnitude_order(weights[target.name])  # one sort serves every fractional level
-            for level, key in zip(parsed_levels, level_keys, strict=True):
-                fractional = not isinstance(level, NMPattern)
-                if stopped and fractional:
-                    bar.advance(1, f"{target.name} skipped past max_drop")
-                    continue
-                cell = cell_store.get(target.name, key) if cell_store else None
-                if cell is None:
-                    if granularity == "weight":
-                        removal = _weight_removal(target, weights[target.name], level, criterion, seed, model, dense_stats, order)
-                    else:
-                        removal = _unit_removal(model, target, level, criterion, seed, round_to)
-                    cell = measure(model, target.name, key, removal)
-                    if cell_store:
-                        cell_store.append(cell)
-                cells.append(cell)
-                drop = -cell.change if evaluator.higher_is_better else cell.change
-                if max_drop is not None and fractional and drop > max_drop:
-                    stopped = True
-                bar.advance(1, f"{target.name} @ {key}: {cell.value:.4g}")
-    if replay is not None:
-        replay.close()
+    if parallel:
+        tasks, done = _pending(targets, cell_store, settings, evaluator.higher_is_better)
+        cells, provenance["execution"], summary = run_parallel(payload, targets, tasks, done, level_keys, cell_store,
+                                                               executor, workers, progress)
+    else:
+        runner = TargetRunner(model, evaluator, targets, settings, dense_stats=dense_stats)
+        cells, summary = _scan_in_process(runner, targets, level_keys, cell_store, progress)
+    if summary is not None:
+        provenance["incremental"] = summary
     return Profile(
         metric=evaluator.metric.name,
         higher_is_better=evaluator.higher_is_better,
@@ -204,6 +211,150 @@ def _single_granularity(targets: list[Target]) -> str:
     if len(kinds) > 1:
         raise PrunescopeError(f"targets mix granularities ({', '.join(kinds)}); scan one granularity at a time")
     return kinds[0]
+
+
+def _scan_in_process(runner: TargetRunner, targets: list[Target], level_keys: list[str], cell_store: CellStore | None,
+                     progress: bool) -> tuple[list[Cell], dict | None]:
+    """The serial scan: every target in order in this process; returns the cells and the replay summary."""
+    summary = runner.replay.summary() if runner.replay is not None else None
+    cells: list[Cell] = []
+    try:
+        with progress_bar(len(targets) * len(level_keys), "scan", enabled=progress) as bar:
+            for target in targets:
+                measured = 0
+                for cell, fresh in runner.cells(target, _stored(cell_store, target.name, level_keys)):
+                    if fresh and cell_store:
+                        cell_store.append(cell)
+                    cells.append(cell)
+                    measured += 1
+                    bar.advance(1, f"{target.name} @ {cell.level}: {cell.value:.4g}")
+                if measured < len(level_keys):
+                    bar.advance(len(level_keys) - measured, f"{target.name} skipped past max_drop")
+    finally:
+        runner.close()
+    return cells, summary
+
+
+def _pending(targets: list[Target], cell_store: CellStore | None, settings: ScanSettings,
+             higher_is_better: bool) -> tuple[list[Task], dict[int, list[Cell]]]:
+    """The targets still to measure, as tasks carrying their stored cells, and the cells of the finished ones."""
+    tasks, done = [], {}
+    for index, target in enumerate(targets):
+        known = _stored(cell_store, target.name, list(settings.level_keys))
+        cells = TargetRunner.from_known(settings, known, higher_is_better)
+        if cells is None:
+            tasks.append(Task(index, known))
+        else:
+            done[index] = cells
+    return tasks, done
+
+
+def _stored(cell_store: CellStore | None, name: str, level_keys: list[str]) -> dict[str, Cell]:
+    """The cells of target ``name`` already in the store, by level key."""
+    if cell_store is None:
+        return {}
+    return {key: cell for key in level_keys if (cell := cell_store.get(name, key)) is not None}
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """How every cell of a scan is measured; the same in this process and in each worker."""
+
+    granularity: str
+    criterion: str
+    levels: tuple[float | NMPattern, ...]
+    level_keys: tuple[str, ...]
+    seed: int
+    round_to: int | None
+    max_drop: float | None
+    mode: str
+    tolerance: float | None
+    confidence: float
+    incremental: bool
+    cache_bytes: int
+
+
+class TargetRunner:
+    """Measures all the levels of one target at a time on ``model``, which it changes in place for a
+    cell and restores bit for bit. Used by the serial scan and, on its own copy of the model, by
+    each worker process or Ray task.
+
+    ``eager`` prepares the incremental replay of every target up front (and warns about refused
+    replays); a worker prepares each target's replay when it first measures it, and reports it.
+    """
+
+    def __init__(self, model: torch.nn.Module, evaluator: Evaluator, targets: list[Target], settings: ScanSettings,
+                 *, dense_stats=None, calibration: list[Any] | None = None, eager: bool = True) -> None:
+        self.model, self.evaluator, self.settings = model, evaluator, settings
+        self.weights = {t.name: weight_of(model, t) for t in targets} if settings.granularity == "weight" else {}
+        if dense_stats is None and calibration is not None:
+            from .oneshot.dense_stats import DenseStats
+
+            dense_stats = DenseStats(model, calibration, [t.name for t in targets], settings.criterion)
+        self.dense_stats = dense_stats
+        self.replay = None
+        if settings.incremental:
+            self.replay = _Replay(model, evaluator, targets if eager else [], settings.granularity, settings.cache_bytes,
+                                  warn=eager)
+        self.measure = _Measure(evaluator, self.replay, settings.mode, settings.tolerance, settings.confidence,
+                                settings.max_drop)
+
+    def cells(self, target: Target, known: Mapping[str, Cell]) -> Iterator[tuple[Cell, bool]]:
+        """Yield (cell, measured now) for each level in order, taking ``known`` cells (by level key) as they
+        are; fractional levels past ``max_drop`` are not yielded."""
+        s = self.settings
+        if self.replay is not None:
+            self.replay.prepare(target)
+        stopped = False
+        order = None
+        for level, key in zip(s.levels, s.level_keys, strict=True):
+            fractional = not isinstance(level, NMPattern)
+            if stopped and fractional:
+                continue
+            cell = known.get(key)
+            fresh = cell is None
+            if fresh:
+                if s.granularity == "weight":
+                    weight = self.weights[target.name]
+                    if order is None and s.criterion == "magnitude" and self.dense_stats is None:
+                        order = magnitude_order(weight)  # one sort serves every fractional level
+                    removal = _weight_removal(target, weight, level, s.criterion, s.seed, self.model, self.dense_stats, order)
+                else:
+                    removal = _unit_removal(self.model, target, level, s.criterion, s.seed, s.round_to)
+                cell = self.measure(self.model, target.name, key, removal)
+            yield cell, fresh
+            stopped = stopped or _stops(s, level, cell, self.evaluator.higher_is_better)
+
+    @staticmethod
+    def from_known(settings: ScanSettings, known: Mapping[str, Cell], higher_is_better: bool) -> list[Cell] | None:
+        """The cells :meth:`cells` would yield if every cell it needs is in ``known``, else None."""
+        cells: list[Cell] = []
+        stopped = False
+        for level, key in zip(settings.levels, settings.level_keys, strict=True):
+            if stopped and not isinstance(level, NMPattern):
+                continue
+            if key not in known:
+                return None
+            cells.append(known[key])
+            stopped = stopped or _stops(settings, level, known[key], higher_is_better)
+        return cells
+
+    def replay_status(self, target: Target) -> dict | None:
+        """Whether ``target``'s cells replayed recorded outputs, the replay refused for it, and the cache size."""
+        if self.replay is None:
+            return None
+        return {"replaying": bool(self.replay.skips.get(target.name)), "refused": self.replay.refused_of.get(target.name),
+                **{k: v for k, v in self.replay.summary().items() if k in ("units", "cache_bytes_in_memory", "cache_bytes_spilled")}}
+
+    def close(self) -> None:
+        if self.replay is not None:
+            self.replay.close()
+
+
+def _stops(settings: ScanSettings, level: float | NMPattern, cell: Cell, higher_is_better: bool) -> bool:
+    """Whether ``cell`` ends its target's fractional levels: its drop exceeds ``max_drop``."""
+    drop = -cell.change if higher_is_better else cell.change
+    return settings.max_drop is not None and not isinstance(level, NMPattern) and drop > settings.max_drop
 
 
 def _weight_removal(target: Target, weight: torch.Tensor, level: float | NMPattern, criterion: str, seed: int,
@@ -245,20 +396,29 @@ class _Replay:
     """Which recorded dense outputs each target's cells replay (see :mod:`prunescope.incremental`)."""
 
     def __init__(self, model: torch.nn.Module, evaluator: Evaluator, targets: list[Target], granularity: str,
-                 cache_bytes: int) -> None:
+                 cache_bytes: int, warn: bool = True) -> None:
         self.cache = PrefixCache(model, evaluator, cache_bytes)
+        self.model, self.granularity = model, granularity
         self.skips: dict[str, tuple[str, ...]] = {}
-        self.refused: list[tuple[str, ...]] = []
+        self.refused_of: dict[str, tuple[str, ...]] = {}
         for target in targets:
-            skips = self.cache.skip_set(_cell_tensors(model, target, granularity))
+            self.prepare(target)
+        if self.refused and warn:
+            warnings.warn(refused_replay_warning(self.refused), stacklevel=4)
+
+    @property
+    def refused(self) -> list[tuple[str, ...]]:
+        return list(self.refused_of.values())
+
+    def prepare(self, target: Target) -> tuple[str, ...]:
+        """The units ``target``'s cells replay, chosen and verified on first use."""
+        if target.name not in self.skips:
+            skips = self.cache.skip_set(_cell_tensors(self.model, target, self.granularity))
             if skips and not self.cache.verified(skips):
-                self.refused.append(skips)
+                self.refused_of[target.name] = skips
                 skips = ()
             self.skips[target.name] = skips
-        if self.refused:
-            warnings.warn(
-                f"incremental scan: replaying the recorded outputs of {', '.join(sorted({s[-1] for s in self.refused})[:3])} "
-                "did not reproduce the full forward pass on batch 0; those cells run the full model", stacklevel=3)
+        return self.skips[target.name]
 
     def summary(self) -> dict:
         return {"units": len(self.cache.units), "targets_replaying": sum(1 for s in self.skips.values() if s),
@@ -271,6 +431,13 @@ class _Replay:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def refused_replay_warning(refused: Iterable[tuple[str, ...]]) -> str:
+    """The warning for replay patterns that did not reproduce the full forward pass."""
+    names = ", ".join(sorted({tuple(skips)[-1] for skips in refused})[:3])
+    return (f"incremental scan: replaying the recorded outputs of {names} did not reproduce the full forward pass "
+            "on batch 0; those cells run the full model")
 
 
 def _cell_tensors(model: torch.nn.Module, target: Target, granularity: str) -> list[torch.Tensor]:

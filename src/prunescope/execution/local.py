@@ -1,0 +1,132 @@
+"""Worker processes on this machine: each a fresh interpreter holding its own copy of the model.
+
+The parent hands each idle worker one :class:`Task` (a target with all its levels) and reads
+what the workers send back as it arrives. A worker that dies (its pipe closes) or reports an
+exception is replaced by a fresh one, which retries that target first, from the cells already
+received; a target that fails twice becomes a :class:`TargetFailed` event and the others go on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter, deque
+from collections.abc import Iterator
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+from ..errors import PrunescopeError
+from ..profile import Cell
+from .events import CellFinished, Event, TargetFailed, TargetFinished, Task
+from .worker import BROKEN
+
+ATTEMPTS = 2
+"""A target is measured at most this many times (the first try and one retry)."""
+
+
+class _Worker:
+    """One worker process and the two pipes to it."""
+
+    def __init__(self, payload: Path, threads: int) -> None:
+        task_read, task_write = os.pipe()
+        result_read, result_write = os.pipe()
+        environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        command = [sys.executable, "-m", "prunescope.execution.worker", str(task_read), str(result_write), str(payload),
+                   str(threads)]
+        try:
+            self.process = subprocess.Popen(command, pass_fds=(task_read, result_write), env=environment,
+                                            stdin=subprocess.DEVNULL)
+        finally:
+            os.close(task_read)
+            os.close(result_write)
+        self.tasks = Connection(task_write, readable=False)
+        self.results = Connection(result_read, writable=False)
+        self.task: Task | None = None
+        self.received: dict[str, Cell] = {}
+
+    def give(self, task: Task) -> None:
+        self.task, self.received = task, dict(task.known)
+        self.tasks.send(task)
+
+    def death(self) -> str:
+        """How the process ended, once its pipe has closed."""
+        try:
+            code = self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return "the worker process stopped answering"
+        if code < 0:
+            return f"the worker process was killed by {signal.Signals(-code).name}"
+        return f"the worker process died (exit code {code})"
+
+    def stop(self) -> None:
+        """Ask an idle worker to exit; kill a busy one (the scan is being abandoned)."""
+        if self.task is not None and self.process.poll() is None:
+            self.process.kill()
+        try:
+            self.tasks.send(None)
+        except OSError:
+            pass
+        for connection in (self.tasks, self.results):
+            connection.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def local_events(payload: bytes, tasks: list[Task], workers: int, threads: int) -> Iterator[Event]:
+    """Measure ``tasks`` on ``workers`` processes of ``threads`` torch threads each; yield events as they come."""
+    if os.name != "posix":
+        raise PrunescopeError("workers > 1 start worker processes with inherited pipes, which needs a POSIX system; "
+                              "use workers=1 or executor='ray'")
+    folder = Path(tempfile.mkdtemp(prefix="prunescope-workers-"))
+    path = folder / "payload.pkl"
+    path.write_bytes(payload)
+    queue = deque(tasks)
+    attempts: Counter[int] = Counter()
+    pool: list[_Worker] = []
+    try:
+        pool.extend(_Worker(path, threads) for _ in range(min(workers, len(queue))))
+        while queue or any(w.task is not None for w in pool):
+            for worker in pool:
+                if worker.task is None and queue:
+                    worker.give(queue.popleft())
+            busy = {w.results: w for w in pool if w.task is not None}
+            for connection in wait(list(busy)):
+                worker = busy[connection]
+                try:
+                    message = connection.recv()
+                except (EOFError, OSError):
+                    message = TargetFailed(worker.task.index, worker.death(), 1)
+                if isinstance(message, tuple) and message and message[0] == BROKEN:
+                    raise PrunescopeError(f"a worker process could not load the model and evaluator: {message[1]}. "
+                                          "Define the model's classes in an importable module, or use workers=1")
+                if isinstance(message, CellFinished):
+                    worker.received[message.cell.level] = message.cell
+                    yield message
+                elif isinstance(message, TargetFinished):
+                    worker.task = None
+                    yield message
+                elif isinstance(message, TargetFailed):
+                    task = Task(worker.task.index, dict(worker.received))
+                    pool.remove(worker)
+                    worker.task = None
+                    worker.stop()
+                    attempts[task.index] += 1
+                    if attempts[task.index] < ATTEMPTS:
+                        fresh = _Worker(path, threads)
+                        pool.append(fresh)
+                        fresh.give(task)
+                    else:
+                        yield TargetFailed(task.index, message.error, attempts[task.index])
+                        if queue:
+                            pool.append(_Worker(path, threads))
+    finally:
+        for worker in pool:
+            worker.stop()
+        shutil.rmtree(folder, ignore_errors=True)

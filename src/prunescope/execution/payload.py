@@ -1,0 +1,65 @@
+"""What a worker needs to measure targets, pickled once: the model, the evaluator (with its dense
+outputs), the targets, the scan settings and the calibration batches.
+
+The bytes hold the parent's ``sys.path`` beside the cloudpickled context, so a worker (a fresh
+interpreter, or a Ray worker) can import the modules that define the model's classes before it
+unpickles them. Classes defined in ``__main__`` travel by value (cloudpickle).
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import PrunescopeError
+
+if TYPE_CHECKING:
+    from ..evaluator import Evaluator
+    from ..scan import ScanSettings, TargetRunner
+    from ..targets import Target
+
+
+@dataclass
+class WorkerContext:
+    """The inputs of :class:`prunescope.scan.TargetRunner`, as one picklable object."""
+
+    model: torch.nn.Module
+    evaluator: Evaluator
+    targets: list[Target]
+    settings: ScanSettings
+    calibration: list[Any] | None = None
+
+
+def pack(context: WorkerContext) -> bytes:
+    """Pickle ``context`` for the workers; a model or evaluator that cannot be pickled is refused."""
+    import cloudpickle
+
+    try:
+        blob = cloudpickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as error:  # any pickling failure means the same thing here
+        raise PrunescopeError(
+            f"workers get a pickled copy of the model and evaluator, and pickling failed: {type(error).__name__}: "
+            f"{str(error)[:300]}; pass workers=1 (in this process) or make the model picklable") from error
+    return pickle.dumps({"sys_path": list(sys.path), "context": blob}, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(data: bytes) -> WorkerContext:
+    """The context pickled by :func:`pack`, after adding the parent's import paths to ``sys.path``."""
+    header = pickle.loads(data)
+    for entry in header["sys_path"]:
+        if entry not in sys.path:
+            sys.path.append(entry)
+    return pickle.loads(header["context"])
+
+
+def runner_of(context: WorkerContext, threads: int) -> TargetRunner:
+    """A TargetRunner on the context's own model copy, running torch on ``threads`` threads."""
+    from ..scan import TargetRunner
+
+    torch.set_num_threads(threads)
+    return TargetRunner(context.model, context.evaluator, context.targets, context.settings,
+                        calibration=context.calibration, eager=False)
