@@ -1,0 +1,209 @@
+"""Execution: worker processes and Ray tasks give the serial scan's profile cell for cell, stream
+cells into one store, retry a failed target once and then report it by cell, and leave the
+parent's model untouched; shards of a scan merge into the single scan's profile."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_unchanged, snapshot
+from torch import nn
+from typer.testing import CliRunner
+
+import prunescope as ps
+from prunescope.cli import app
+
+torchvision = pytest.importorskip("torchvision")
+torch.set_num_threads(1)
+
+LEVELS = (0.2, 0.5, 0.8)
+
+
+def _resnet() -> tuple[nn.Module, ps.Evaluator, list[ps.Target]]:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    evaluator = ps.Evaluator(model, [images[i:i + 4] for i in range(0, 12, 4)], "kl")
+    return model, evaluator, ps.find_targets(model, example=evaluator.batches[0])[:8]
+
+
+def _cells(profile: ps.Profile) -> list[ps.Cell]:
+    return [dataclasses.replace(c, seconds=0.0) for c in profile.cells]
+
+
+def _stored(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()[1:]]
+
+
+def _die_when_pruned(flag: str, how: str, module: nn.Module, _args) -> None:
+    """Forward pre-hook: while ``flag`` exists and this layer's weight is pruned, end the process
+    (``how``: "kill-once" SIGKILLs itself after removing the flag, "exit" leaves with code 3,
+    "raise" raises)."""
+    if not os.path.exists(flag) or not bool((module.weight == 0).any()):
+        return
+    if how == "kill-once":
+        os.remove(flag)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "exit":
+        os._exit(3)
+    raise RuntimeError("this layer refuses to run pruned")
+
+
+def _doomed(model: nn.Module, tmp_path: Path, hooks: dict[str, str]) -> dict[str, Path]:
+    """Add a _die_when_pruned hook on each named layer; return the flag file of each (not yet created)."""
+    flags = {}
+    for name, how in hooks.items():
+        flags[name] = tmp_path / f"{name}.flag"
+        model.get_submodule(name).register_forward_pre_hook(functools.partial(_die_when_pruned, str(flags[name]), how))
+    return flags
+
+
+def test_workers_give_the_serial_profile_and_resume_a_torn_store(tmp_path):
+    model, evaluator, targets = _resnet()
+    before = snapshot(model)
+    serial = ps.scan(model, evaluator, targets, LEVELS, store=tmp_path / "serial.jsonl")
+    lines = (tmp_path / "serial.jsonl").read_text().splitlines()
+    store = tmp_path / "resumed.jsonl"
+    store.write_text("\n".join(lines[:6]) + "\n" + lines[6][:40])  # five cells, then a torn sixth
+    resumed = ps.scan(model, evaluator, targets, LEVELS, store=store, workers=2)
+    assert _cells(resumed) == _cells(serial)  # exact: same values, same order
+    assert resumed.targets == serial.targets and resumed.dense_value == serial.dense_value
+    kept = {(c["target"], c["level"]): c["seconds"] for c in _stored(tmp_path / "serial.jsonl")[:5]}
+    assert all(c.seconds == kept[(c.target, c.level)] for c in resumed.cells if (c.target, c.level) in kept), \
+        "cells already in the store were measured again"
+    assert {(c["target"], c["level"]) for c in _stored(store)} == {(c.target, c.level) for c in serial.cells}
+    assert len(_stored(store)) == len(serial.cells)
+    assert resumed.provenance["execution"] == {"executor": "local", "workers": 2, "threads_per_worker": 1, "targets_run": 7}
+    assert resumed.provenance["incremental"]["targets_replaying"] == 7  # the measured ones; conv1 (from the store) would not
+    assert_unchanged(model, before)
+
+
+def test_a_dead_worker_is_retried_once_then_its_target_reported(tmp_path):
+    model, evaluator, targets = _resnet()
+    once, always = targets[2].name, targets[5].name
+    flags = _doomed(model, tmp_path, {once: "kill-once", always: "exit"})
+    before = snapshot(model)
+    serial = ps.scan(model, evaluator, targets, LEVELS, max_drop=0.00125)  # no flags yet: nothing dies
+    assert len(serial.cells) < len(targets) * len(LEVELS)  # max_drop stopped some targets early
+    flags[once].touch()
+    flags[always].touch()
+    store = tmp_path / "cells.jsonl"
+    with pytest.raises(ps.PrunescopeError) as failure:
+        ps.scan(model, evaluator, targets, LEVELS, store=store, max_drop=0.00125, workers=2)
+    message = str(failure.value)
+    assert f"{always} @ 0.2, 0.5, 0.8" in message and "exit code 3" in message and "tried 2 times" in message
+    assert once not in message and not flags[once].exists()  # killed once, retried on a fresh worker
+    stored = {(c["target"], c["level"]) for c in _stored(store)}
+    assert stored == {(c.target, c.level) for c in serial.cells if c.target != always}
+    assert_unchanged(model, before)
+
+    flags[always].unlink()
+    resumed = ps.scan(model, evaluator, targets, LEVELS, store=store, max_drop=0.00125, workers=2)
+    assert _cells(resumed) == _cells(serial)
+    assert resumed.provenance["execution"]["targets_run"] == 1
+    assert_unchanged(model, before)
+
+
+def test_ray_tasks_give_the_serial_profile_retry_and_report(tmp_path):
+    ray = pytest.importorskip("ray")
+    model, evaluator, targets = _resnet()
+    crash, broken = targets[1].name, targets[4].name
+    flags = _doomed(model, tmp_path, {crash: "kill-once", broken: "raise"})
+    before = snapshot(model)
+    serial = ps.scan(model, evaluator, targets, LEVELS)
+    flags[crash].touch()
+    flags[broken].touch()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        store = tmp_path / "ray.jsonl"
+        with pytest.raises(ps.PrunescopeError) as failure:
+            ps.scan(model, evaluator, targets, LEVELS, store=store, executor="ray")
+        message = str(failure.value)
+        assert f"{broken} @ 0.2, 0.5, 0.8" in message and "refuses to run pruned" in message and crash not in message
+        assert not flags[crash].exists()  # Ray re-ran the task whose worker was killed
+        assert {(c["target"], c["level"]) for c in _stored(store)} == \
+            {(c.target, c.level) for c in serial.cells if c.target != broken}
+        flags[broken].unlink()
+        resumed = ps.scan(model, evaluator, targets, LEVELS, store=store, executor="ray", workers=2)
+    finally:
+        ray.shutdown()
+    assert _cells(resumed) == _cells(serial)
+    assert resumed.provenance["execution"]["executor"] == "ray" and resumed.provenance["execution"]["targets_run"] == 1
+    assert_unchanged(model, before)
+
+
+def test_shards_merge_into_the_single_scan(tmp_path):
+    model, evaluator, targets = _resnet()
+    targets = targets[:5]
+    single = ps.scan(model, evaluator, targets, LEVELS[:2], store=tmp_path / "single.jsonl")
+    shards = [ps.scan(model, evaluator, targets, LEVELS[:2], store=tmp_path / f"shard{i}.jsonl", shard=(i, 2))
+              for i in range(2)]
+    assert [t.name for t in shards[1].targets] == [targets[1].name, targets[3].name]
+    shards[1].save(tmp_path / "shard1.json")
+    merged = ps.merge_profiles([shards[0], tmp_path / "shard1.json"])
+    assert merged.targets == single.targets and _cells(merged) == _cells(single)
+    assert merged.provenance["merged_shards"] == 2 and "shard" not in merged.provenance
+    assert ps.merge_profiles(list(reversed(shards))).cells == merged.cells
+    # a shard's store records its shard: another shard, or the whole scan, cannot resume it
+    with pytest.raises(ps.PrunescopeError, match="different shard"):
+        ps.scan(model, evaluator, targets, LEVELS[:2], store=tmp_path / "shard0.jsonl", shard=(1, 2))
+    with pytest.raises(ps.PrunescopeError, match="missing \\[1\\]"):
+        ps.merge_profiles([shards[0]])
+    with pytest.raises(ps.PrunescopeError, match="repeated \\[0\\]"):
+        ps.merge_profiles([shards[0], shards[0]])
+    with pytest.raises(ps.PrunescopeError, match="profile 0 is not a shard"):
+        ps.merge_profiles([single, shards[1]])
+    other = ps.scan(model, evaluator, targets, LEVELS[:2], seed=1, criterion="random", shard=(1, 2))
+    with pytest.raises(ps.PrunescopeError, match="its criterion, seed differ"):
+        ps.merge_profiles([shards[0], other])
+
+
+class _Locked(nn.Module):
+    """A model holding a lock: it cannot be pickled into a worker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.linear(x))
+
+
+def test_bad_execution_arguments_write_nothing(tmp_path):
+    model = _Locked()
+    evaluator = ps.Evaluator(model, [torch.randn(3, 4)], "kl")
+    store = tmp_path / "cells.jsonl"
+    with pytest.raises(ps.PrunescopeError, match="unknown executor 'dask'; accepted: local, ray"):
+        ps.scan(model, evaluator, executor="dask", store=store)
+    for workers in (0, -1, 1.5, True):
+        with pytest.raises(ps.PrunescopeError, match="workers must be a positive integer"):
+            ps.scan(model, evaluator, workers=workers, store=store)
+    with pytest.raises(ps.PrunescopeError, match="pickling failed: TypeError: cannot pickle '_thread.lock'"):
+        ps.scan(model, evaluator, workers=2, store=store)
+    for shard in ((2, 2), (0, 0), (1,), "0/2"):
+        with pytest.raises(ps.PrunescopeError, match="shard must be a pair"):
+            ps.scan(model, evaluator, shard=shard, store=store)
+    with pytest.raises(ps.PrunescopeError, match="shard 1 of 2 has no targets"):
+        ps.scan(model, evaluator, shard=(1, 2), store=store)
+    assert not store.exists()
+    result = CliRunner().invoke(app, ["scan", "--executor", "dask", "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 2 and "unknown executor 'dask'" in result.output
+
+
+def test_cli_scan_with_workers(tmp_path):
+    out = tmp_path / "profile.json"
+    result = CliRunner().invoke(app, ["scan", "--model", "torchvision:resnet18", "--data", "random:3,32,32", "--samples", "8",
+                                      "--include", "layer4.*", "--levels", "0.5", "--workers", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    profile = ps.Profile.load(out)
+    assert len(profile.cells) == 5 and profile.provenance["execution"]["workers"] == 2
