@@ -77,14 +77,18 @@ def scan(
     tolerance: float | None = typer.Option(None, help="adaptive: half-width of the change's interval to stop at (metric units)"),
     incremental: bool = typer.Option(True, help="replay recorded dense activations before each cell's target"),
     cache_mb: int = typer.Option(2048, help="incremental: MiB of recorded activations kept in memory (the rest spills to disk)"),
+    workers: int | None = typer.Option(None, help="local: worker processes sharing this process's threads (default 1: in this process); ray: tasks at once (default: the cluster's CPUs)"),
+    executor: str = typer.Option("local", help="local | ray (one Ray task per layer on the cluster ray.init() finds; pip install 'prunescope[ray]')"),
 ) -> None:
     """Measure each layer's sensitivity: prune one layer at one level, evaluate, restore."""
+    from .execution import check_execution
     from .levels import parse_levels_text
     from .report import profile_table
     from .scan import scan as run_scan
     from .targets import default_excludes, find_targets
 
     try:
+        check_execution(workers, executor)
         parsed_levels = parse_levels_text(levels)
         loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
         targets = find_targets(loaded.model, granularity, include=include, exclude=_patterns(exclude),
@@ -97,7 +101,7 @@ def scan(
         started = time.perf_counter()
         profile = run_scan(loaded.model, evaluator, targets, parsed_levels, criterion, store, max_drop=max_drop, seed=seed,
                            round_to=round_to, mode=mode, tolerance=tolerance, incremental=incremental,
-                           cache_bytes=cache_mb * 1024**2, progress=True)
+                           cache_bytes=cache_mb * 1024**2, progress=True, workers=workers, executor=executor)
         profile.provenance.update({"model_spec": model, "data_spec": data})
         profile.save(out)
         if out.suffix == ".json":
