@@ -17,6 +17,7 @@ its missing cells, by a PrunescopeError raised after every other target is done 
 from __future__ import annotations
 
 import warnings
+from contextlib import closing
 
 import torch
 
@@ -57,7 +58,7 @@ def run_parallel(payload: bytes, targets: list[Target], tasks: list[Task], resul
     results = dict(results)
     threads = 1 if executor == "ray" else threads_per_worker(workers)
     if not tasks:
-        events = iter(())
+        events = (event for event in ())
     elif executor == "ray":
         from .ray_tasks import ray_events
 
@@ -69,7 +70,7 @@ def run_parallel(payload: bytes, targets: list[Target], tasks: list[Task], resul
     failures: dict[int, TargetFailed] = {}
     replays: list[dict] = []
     stored = {task.index: set(task.known) for task in tasks}
-    with progress_bar(len(targets) * len(level_keys), "scan", enabled=progress) as bar:
+    with closing(events), progress_bar(len(targets) * len(level_keys), "scan", enabled=progress) as bar:
         bar.advance(len(level_keys) * len(results) + sum(len(levels) for levels in stored.values()))
         for event in events:
             name = targets[event.index].name

@@ -50,7 +50,10 @@ class _Worker:
 
     def give(self, task: Task) -> None:
         self.task, self.received = task, dict(task.known)
-        self.tasks.send(task)
+        try:
+            self.tasks.send(task)
+        except OSError:  # already dead: its closed result pipe reports it
+            pass
 
     def death(self) -> str:
         """How the process ended, once its pipe has closed."""
@@ -59,7 +62,10 @@ class _Worker:
         except subprocess.TimeoutExpired:
             return "the worker process stopped answering"
         if code < 0:
-            return f"the worker process was killed by {signal.Signals(-code).name}"
+            try:
+                return f"the worker process was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"the worker process was killed by signal {-code}"
         return f"the worker process died (exit code {code})"
 
     def stop(self) -> None:
