@@ -112,6 +112,21 @@ def test_a_dead_worker_is_retried_once_then_its_target_reported(tmp_path):
     assert_unchanged(model, before)
 
 
+def test_workers_report_a_refused_replay_as_the_serial_scan_does():
+    from test_fast_scan import _Remembering  # its stage keeps state between calls: replaying it is refused
+
+    torch.manual_seed(0)
+    model = _Remembering().eval()
+    evaluator = ps.Evaluator(model, [torch.randn(5, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)], "kl")
+    targets = ps.find_targets(model, exclude=[])
+    with pytest.warns(UserWarning, match="did not reproduce the full forward pass"):
+        serial = ps.scan(model, evaluator, targets, (0.5,))
+    with pytest.warns(UserWarning, match="did not reproduce the full forward pass"):
+        parallel = ps.scan(model, evaluator, targets, (0.5,), workers=2)
+    assert _cells(parallel) == _cells(serial)
+    assert parallel.provenance["incremental"]["refused_replays"] == serial.provenance["incremental"]["refused_replays"] == 1
+
+
 def test_ray_tasks_give_the_serial_profile_retry_and_report(tmp_path):
     ray = pytest.importorskip("ray")
     model, evaluator, targets = _resnet()
