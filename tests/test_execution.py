@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -213,6 +215,24 @@ def test_bad_execution_arguments_write_nothing(tmp_path):
     assert not store.exists()
     result = CliRunner().invoke(app, ["scan", "--executor", "dask", "--out", str(tmp_path / "p.json")])
     assert result.exit_code == 2 and "unknown executor 'dask'" in result.output
+
+
+def test_a_model_the_workers_cannot_import_is_refused_by_name(tmp_path):
+    source = tmp_path / "elsewhere_model.py"  # importable here, but tmp_path is not on the workers' path
+    source.write_text("import torch\n\n\nclass Elsewhere(torch.nn.Sequential):\n"
+                      "    def __init__(self):\n        super().__init__(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))\n")
+    spec = importlib.util.spec_from_file_location("elsewhere_model", source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["elsewhere_model"] = module
+    try:
+        spec.loader.exec_module(module)
+        model = module.Elsewhere()
+        evaluator = ps.Evaluator(model, [torch.randn(3, 4)], "kl")
+        with pytest.raises(ps.PrunescopeError, match="a worker process could not load the model and evaluator: "
+                                                     "ModuleNotFoundError: No module named 'elsewhere_model'"):
+            ps.scan(model, evaluator, levels=(0.5,), workers=2)
+    finally:
+        del sys.modules["elsewhere_model"]
 
 
 def test_cli_scan_with_workers(tmp_path):
