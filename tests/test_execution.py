@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers import assert_unchanged, snapshot
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from typer.testing import CliRunner
 
 import prunescope as ps
@@ -68,8 +69,31 @@ def _doomed(model: nn.Module, tmp_path: Path, hooks: dict[str, str]) -> dict[str
     return flags
 
 
+def _scaled(_module: nn.Module, _args, output: torch.Tensor) -> torch.Tensor:
+    return 3 * output
+
+
+def _nothing(*_args) -> None:
+    return None
+
+
+def _hooks_from_id_zero(model: nn.Module) -> None:
+    """Register a pre-hook and a forward hook on every module with hook ids counted from 0, as in a
+    fresh script; fc's forward hook triples the output. A worker, whose own hooks are counted from 0
+    in its process, must not replace them."""
+    saved = RemovableHandle.next_id
+    RemovableHandle.next_id = 0
+    try:
+        for module in model.modules():
+            module.register_forward_pre_hook(_nothing)
+            module.register_forward_hook(_scaled if module is model.fc else _nothing)
+    finally:
+        RemovableHandle.next_id = max(saved, RemovableHandle.next_id)
+
+
 def test_workers_give_the_serial_profile_and_resume_a_torn_store(tmp_path):
     model, evaluator, targets = _resnet()
+    _hooks_from_id_zero(model)
     before = snapshot(model)
     serial = ps.scan(model, evaluator, targets, LEVELS, store=tmp_path / "serial.jsonl")
     lines = (tmp_path / "serial.jsonl").read_text().splitlines()

@@ -3,7 +3,8 @@ outputs), the targets, the scan settings and the calibration batches.
 
 The bytes hold the parent's ``sys.path`` beside the cloudpickled context, so a worker (a fresh
 interpreter, or a Ray worker) can import the modules that define the model's classes before it
-unpickles them. Classes defined in ``__main__`` travel by value (cloudpickle).
+unpickles them (classes defined in ``__main__`` travel by value), and the parent's hook-id counter,
+so the worker's own hooks never collide with the model's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import PrunescopeError
 
@@ -44,7 +46,8 @@ def pack(context: WorkerContext) -> bytes:
         raise PrunescopeError(
             f"workers get a pickled copy of the model and evaluator, and pickling failed: {type(error).__name__}: "
             f"{str(error)[:300]}; pass workers=1 (in this process) or make the model picklable") from error
-    return pickle.dumps({"sys_path": list(sys.path), "context": blob}, protocol=pickle.HIGHEST_PROTOCOL)
+    header = {"sys_path": list(sys.path), "hook_ids": RemovableHandle.next_id, "context": blob}
+    return pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def unpack(data: bytes) -> WorkerContext:
@@ -53,6 +56,10 @@ def unpack(data: bytes) -> WorkerContext:
     for entry in header["sys_path"]:
         if entry not in sys.path:
             sys.path.append(entry)
+    # A module's hooks are kept in dicts keyed by a per-process counter; a fresh process counts from 0,
+    # so a hook this process registers (the incremental cache's) would overwrite and then remove a
+    # hook of the unpickled model that has the same id. Count on from the parent's counter.
+    RemovableHandle.next_id = max(RemovableHandle.next_id, header["hook_ids"])
     return pickle.loads(header["context"])
 
 
