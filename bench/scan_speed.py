@@ -1,24 +1,27 @@
-"""Baseline speed of ``prunescope.scan`` against the naive per-cell deepcopy loop (issue 2).
+"""How fast ``prunescope.scan`` measures a profile (issue 5): naive loop vs exact-incremental vs adaptive.
 
-The naive loop is what the older tools do: for every (target, level) cell, ``copy.deepcopy`` the
-whole model, prune that one target in the copy with the same keep-mask scan uses
-(``prunescope.masks.keep_mask``, same criterion, seed and key), and evaluate the copy with the same
-``Evaluator``. Both run in the same process, alternating (the one that goes first swaps every
-repeat), after the shared dense evaluation is cached and one untimed warm-up cell of each, so
-neither pays for first-call costs.
+Methods, run in the same process and alternated (the order rotates every repeat), after the
+shared dense evaluation is cached:
+  naive        the old tools' loop: per cell, ``copy.deepcopy`` the model, prune one target in the
+               copy with the same keep-mask (``prunescope.masks.keep_mask``), evaluate every batch.
+  exact        ``scan(...)`` as shipped: incremental re-evaluation (recorded dense outputs of the
+               modules before the target are replayed), every batch. Its time includes recording.
+  adaptive     ``scan(..., mode="adaptive", tolerance=T)``: also stops a cell once the half-width
+               of its change's confidence interval is at most T (metric units).
 
 Cases:
-  resnet18  torchvision resnet18, random init (seeded), random 64 px images in 2 batches, metric
-            "kl", every conv target (the final fc is excluded by default). Levels (0.3, 0.5, 0.7)
-            rather than 0.1..0.9 keep one repeat (naive + scan) well under a minute on 2 cores.
-  digits    the pretrained digits CNN, validation split, metric "accuracy", levels 0.1..0.9.
+  resnet18  torchvision resnet18, random init (seed 0), random 64 px images (default 64 images in
+            16 batches of 4), metric "kl", every conv and the fc (21 targets), levels 0.1..0.9.
+  smollm2   SmolLM2-135M, every Linear of the 30 blocks (210 targets), levels 0.3/0.5/0.7,
+            pydoc windows of 512 tokens (default 8), metric perplexity. ``--targets-every K``
+            takes every K-th target (naive on all 630 cells is hours on this machine).
 
-One JSON line per case on stdout: median wall times, the median of per-repeat naive/scan
-ratios (> 1 means scan is faster), the same for process CPU time, and the largest
-|naive - scan| cell value, which must be ~0 (asserted). ``loadavg_1m`` (before, after) shows
-whether other processes shared the cores: with 2 torch threads on a busy 2-core machine both
-wall and CPU time swing by several x (OpenMP threads spin while waiting for each other), so use
-``--threads 1`` there. Progress goes to stderr. ``--quick`` runs a much smaller setting.
+Printed per case and method (one JSON line each): median wall time over repeats, ratio to naive,
+for exact the theoretical limit of incremental evaluation (full-forward time x cells / sum over
+cells of the time still spent, from per-unit times measured with hooks on the dense model) and
+the share of it reached, max relative |difference| to naive over all cells; for adaptive the
+Spearman correlation of its changes with exact's, the share of cells whose exact change lies
+inside the adaptive interval, and the share of samples used.
 """
 
 from __future__ import annotations
@@ -27,150 +30,177 @@ import argparse
 import copy
 import json
 import os
+import resource
 import shlex
 import statistics
 import sys
 import time
 
+import numpy as np
 import torch
+from scipy import stats
 
-import prunescope
-from prunescope.digits import batches_of, digits_splits, pretrained_digits_cnn
-from prunescope.fingerprint import model_fingerprint
+import prunescope as ps
+from prunescope.batches import run_model
 from prunescope.levels import level_key, parse_levels
 from prunescope.masks import keep_mask
+from prunescope.scan import _Replay
 from prunescope.targets import weight_of
-
-FULL_DIGITS_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-FULL_RESNET_LEVELS = (0.3, 0.5, 0.7)
-TOLERANCE = 1e-9  # cell values come from the same masks and forwards; only float summation order may differ
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def resnet18_case(quick: bool, seed: int) -> dict:
+def resnet18_case(args: argparse.Namespace) -> dict:
     from torchvision.models import resnet18
 
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = resnet18(weights=None).eval()
-    images, size, levels = (8, 32, (0.5,)) if quick else (16, 64, FULL_RESNET_LEVELS)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(images, 3, size, size, generator=generator)
-    half = images // 2
-    batches = [x[:half], x[half:]]
-    setting = {"images": images, "px": size, "batches": len(batches)}
-    return {"case": "resnet18", "model": model, "batches": batches, "metric": "kl", "levels": levels, "setting": setting}
+    images = torch.randn(args.images, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    batches = [images[i:i + args.batch] for i in range(0, args.images, args.batch)]
+    evaluator = ps.Evaluator(model, batches, "kl")
+    targets = ps.find_targets(model, exclude=[], example=batches[0])
+    levels = tuple(round(0.1 * i, 1) for i in range(1, 10))
+    return {"case": "resnet18", "model": model, "evaluator": evaluator, "targets": targets, "levels": levels,
+            "tolerance": args.tolerance_kl, "setting": {"images": args.images, "batch": args.batch, "px": 64}}
 
 
-def digits_case(quick: bool, seed: int) -> dict:
-    del seed  # the pretrained digits CNN and its split are fixed by prunescope.digits
-    model = pretrained_digits_cnn().eval()
-    batches = batches_of(digits_splits().val)
-    levels = (0.3, 0.6, 0.9) if quick else FULL_DIGITS_LEVELS
-    setting = {"images": sum(len(y) for _, y in batches), "px": 8, "batches": len(batches)}
-    return {"case": "digits", "model": model, "batches": batches, "metric": "accuracy", "levels": levels, "setting": setting}
+def smollm2_case(args: argparse.Namespace) -> dict:
+    from prunescope.data import pydoc_text, token_windows
+    from prunescope.models import load_model
+
+    loaded = load_model("smollm2")
+    batches = token_windows(pydoc_text(), loaded.tokenizer, 512, args.windows)
+    evaluator = ps.Evaluator(loaded.model, batches, "perplexity")
+    targets = ps.find_targets(loaded.model, include=["model.layers.*"])[:: args.targets_every]
+    return {"case": "smollm2", "model": loaded.model, "evaluator": evaluator, "targets": targets, "levels": (0.3, 0.5, 0.7),
+            "tolerance": args.tolerance_ppl, "setting": {"windows": args.windows, "seq_len": 512, "targets_every": args.targets_every}}
 
 
-def naive_scan(model, evaluator, targets, levels, criterion: str, seed: int) -> dict[tuple[str, str], float]:
-    """The old-tool loop: deepcopy the whole model per cell, prune one target in the copy, evaluate."""
-    values = {}
+def naive(model, evaluator, targets, levels) -> dict[tuple[str, str], float]:
+    """Per cell: deepcopy the whole model, prune one target in the copy, evaluate every batch."""
+    changes = {}
     for target in targets:
         for level in parse_levels(levels):
             pruned = copy.deepcopy(model)
             weight = weight_of(pruned, target)
-            mask = keep_mask(weight, level, criterion, target.input_dim, seed=seed, key=target.name)
             with torch.no_grad():
-                weight.mul_(mask)
-            values[(target.name, level_key(level))] = evaluator.evaluate(pruned).value
+                weight.mul_(keep_mask(weight, level, "magnitude", target.input_dim, seed=0, key=target.name))
+            changes[(target.name, level_key(level))] = evaluator.evaluate(pruned).value - evaluator.dense.value
             del pruned
-    return values
+    return changes
 
 
-def run_case(spec: dict, repeats: int, criterion: str, seed: int, command: str) -> dict:
-    model, levels = spec["model"], spec["levels"]
-    evaluator = prunescope.Evaluator(model, spec["batches"], metric=spec["metric"])
-    targets = prunescope.find_targets(model, example=evaluator.batches[0])
+def unit_seconds(model, evaluator, units: dict, repeats: int = 2) -> tuple[float, dict[str, float]]:
+    """(full forward time over all batches, time inside each unit), medians of ``repeats`` passes."""
+    totals, per_unit = [], {name: [] for name in units}
+    for _ in range(repeats):
+        spent = dict.fromkeys(units, 0.0)
+        opened: dict[str, float] = {}
+        handles = []
+        for name, module in units.items():
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, _a, n=name, opened=opened: opened.__setitem__(n, time.perf_counter())))
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, _o, n=name, spent=spent, opened=opened: spent.__setitem__(
+                    n, spent[n] + time.perf_counter() - opened[n])))
+        started = time.perf_counter()
+        with torch.no_grad():
+            for batch in evaluator.batches:
+                run_model(model, batch)
+        totals.append(time.perf_counter() - started)
+        for handle in handles:
+            handle.remove()
+        for name in units:
+            per_unit[name].append(spent[name])
+    return statistics.median(totals), {name: statistics.median(v) for name, v in per_unit.items()}
+
+
+def theoretical_limit(spec: dict) -> float:
+    """Full-forward cost x cells / sum over cells of the forward time a replaying cell still spends."""
+    model, evaluator, targets = spec["model"], spec["evaluator"], spec["targets"]
+    replay = _Replay(model, evaluator, targets, "weight", 2 * 1024**3)
+    full, seconds = unit_seconds(model, evaluator, replay.cache.units)
+    replay.close()
+    remaining = [full - sum(seconds[u] for u in replay.skips[t.name]) for t in targets]
+    return full * len(targets) / sum(remaining)
+
+
+def run(spec: dict, args: argparse.Namespace, command: str) -> list[dict]:
+    model, evaluator, targets, levels = spec["model"], spec["evaluator"], spec["targets"], spec["levels"]
+    _ = evaluator.dense
     cells = len(targets) * len(levels)
-    _ = evaluator.dense  # reference outputs and dense values, cached once for both methods
-    fingerprint = model_fingerprint(model)
-    log(f"{spec['case']}: warm-up (one untimed cell of each method)")
-    naive_scan(model, evaluator, targets[:1], levels[:1], criterion, seed)
-    prunescope.scan(model, evaluator, targets[:1], levels[:1], criterion, seed=seed)
-
-    load_before = os.getloadavg()[0]
-    naive_times, scan_times, ratios, max_diff = [], [], [], 0.0
-    cpu: dict[str, list[float]] = {"naive": [], "scan": []}
-    for repeat in range(repeats):
-        order = ("naive", "scan") if repeat % 2 == 0 else ("scan", "naive")
-        times: dict[str, float] = {}
-        for method in order:
-            log(f"{spec['case']}: repeat {repeat + 1}/{repeats} {method} ({cells} cells)")
-            started, cpu_started = time.perf_counter(), time.process_time()
-            if method == "naive":
-                naive_values = naive_scan(model, evaluator, targets, levels, criterion, seed)
-            else:
-                profile = prunescope.scan(model, evaluator, targets, levels, criterion, seed=seed)
-            times[method] = time.perf_counter() - started
-            cpu[method].append(time.process_time() - cpu_started)
-            log(f"  {method}: {times[method]:.2f} s wall, {cpu[method][-1]:.2f} s cpu")
-        scan_values = {(c.target, c.level): c.value for c in profile.cells}
-        assert scan_values.keys() == naive_values.keys(), "naive and scan measured different cells"
-        diff = max(abs(scan_values[k] - naive_values[k]) for k in scan_values)
-        assert diff <= TOLERANCE, f"{spec['case']}: naive and scan disagree by {diff}"
-        assert model_fingerprint(model) == fingerprint, f"{spec['case']}: the model changed during the benchmark"
-        max_diff = max(max_diff, diff)
-        naive_times.append(times["naive"])
-        scan_times.append(times["scan"])
-        ratios.append(times["naive"] / times["scan"])
-
-    return {
-        "case": spec["case"],
-        "cells": cells,
-        "targets": len(targets),
-        "levels": [level_key(level) for level in parse_levels(levels)],
-        "metric": spec["metric"],
-        "criterion": criterion,
-        **spec["setting"],
-        "repeats": repeats,
-        "naive_s": round(statistics.median(naive_times), 3),
-        "scan_s": round(statistics.median(scan_times), 3),
-        "ratio": round(statistics.median(ratios), 3),
-        "naive_s_all": [round(t, 3) for t in naive_times],
-        "scan_s_all": [round(t, 3) for t in scan_times],
-        "naive_cpu_s": round(statistics.median(cpu["naive"]), 3),
-        "scan_cpu_s": round(statistics.median(cpu["scan"]), 3),
-        "cpu_ratio": round(statistics.median([n / s for n, s in zip(cpu["naive"], cpu["scan"], strict=True)]), 3),
-        "max_abs_diff": max_diff,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "torch": torch.__version__,
-        "command": command,
+    limit = theoretical_limit(spec)
+    log(f"{spec['case']}: {cells} cells; theoretical limit of incremental evaluation {limit:.2f}x")
+    methods = {
+        "naive": lambda: naive(model, evaluator, targets, levels),
+        "exact": lambda: ps.scan(model, evaluator, targets, levels),
+        "adaptive": lambda: ps.scan(model, evaluator, targets, levels, mode="adaptive", tolerance=spec["tolerance"]),
     }
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    results: dict[str, object] = {}
+    order = list(methods)
+    load_before = os.getloadavg()[0]
+    for repeat in range(args.repeats):
+        for method in order[repeat % 3:] + order[: repeat % 3]:
+            started = time.perf_counter()
+            results[method] = methods[method]()
+            times[method].append(time.perf_counter() - started)
+            log(f"{spec['case']} repeat {repeat + 1}: {method} {times[method][-1]:.1f} s")
+    naive_changes = results["naive"]
+    exact, adaptive = results["exact"], results["adaptive"]
+    exact_changes = {(c.target, c.level): c.change for c in exact.cells}
+    scale = max(abs(v) for v in naive_changes.values()) or 1.0
+    max_rel = max(abs(exact_changes[k] - v) / max(abs(v), 1e-12 * scale) for k, v in naive_changes.items())
+    keys = list(exact_changes)
+    adaptive_cells = {(c.target, c.level): c for c in adaptive.cells}
+    rho = stats.spearmanr([exact_changes[k] for k in keys], [adaptive_cells[k].change for k in keys]).statistic
+    covered = np.mean([adaptive_cells[k].ci_low <= exact_changes[k] <= adaptive_cells[k].ci_high for k in keys])
+    samples_share = sum(c.samples for c in adaptive.cells) / sum(c.samples for c in exact.cells)
+    naive_s = statistics.median(times["naive"])
+    common = {"case": spec["case"], "cells": cells, "targets": len(targets), "levels": [level_key(v) for v in levels],
+              **spec["setting"], "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+              "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "command": command}
+    rows = [{**common, "method": "naive", "seconds": round(naive_s, 2), "all_seconds": [round(t, 2) for t in times["naive"]]}]
+    exact_s = statistics.median(times["exact"])
+    rows.append({**common, "method": "exact", "seconds": round(exact_s, 2), "all_seconds": [round(t, 2) for t in times["exact"]],
+                 "ratio_to_naive": round(naive_s / exact_s, 3), "theoretical_limit": round(limit, 3),
+                 "share_of_limit": round(naive_s / exact_s / limit, 3), "max_rel_diff_to_naive": max_rel,
+                 "incremental": exact.provenance.get("incremental")})
+    adaptive_s = statistics.median(times["adaptive"])
+    rows.append({**common, "method": "adaptive", "seconds": round(adaptive_s, 2),
+                 "all_seconds": [round(t, 2) for t in times["adaptive"]], "ratio_to_naive": round(naive_s / adaptive_s, 3),
+                 "tolerance": spec["tolerance"], "spearman_vs_exact": round(float(rho), 4),
+                 "coverage": round(float(covered), 4), "samples_share": round(samples_share, 4)})
+    return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3, or 1 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="smaller setting: fewer images and levels")
-    parser.add_argument("--cases", nargs="+", choices=("resnet18", "digits"), default=["resnet18", "digits"])
-    parser.add_argument("--criterion", choices=("magnitude", "random"), default="magnitude")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    args = parser.parse_args(argv)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    if repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.threads is not None:
+    parser.add_argument("--cases", nargs="+", default=["resnet18", "smollm2"], choices=["resnet18", "smollm2"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--targets-every", type=int, default=1)
+    parser.add_argument("--tolerance-kl", type=float, default=0.002, help="adaptive tolerance for resnet18 (nats of KL)")
+    parser.add_argument("--tolerance-ppl", type=float, default=0.5, help="adaptive tolerance for smollm2 (perplexity)")
+    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = parser.parse_args()
+    if args.threads:
         torch.set_num_threads(args.threads)
-    command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-
-    builders = {"resnet18": resnet18_case, "digits": digits_case}
-    for case in args.cases:
-        spec = builders[case](args.quick, args.seed)
-        print(json.dumps(run_case(spec, repeats, args.criterion, args.seed, command)), flush=True)
+    command = shlex.join(["python", *sys.argv])
+    cases = {"resnet18": resnet18_case, "smollm2": smollm2_case}
+    for name in args.cases:
+        for row in run(cases[name](args), args, command):
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a", encoding="utf-8") as handle:
+                    handle.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def test_scan_plan_prune_report_chain(tmp_path):
         (("scan", "--model", "banana"), "unknown model spec"),
         (("scan", "--data", "banana"), "unknown data spec"),
         (("scan", "--criterion", "banana"), "unknown criterion"),
+        (("scan", "--shard", "2/2"), "0 <= index < count"),
+        (("scan", "--shard", "first"), "--shard must be I/N"),
     ],
 )
 def test_cli_bad_input_names_the_problem_and_writes_nothing(tmp_path, args, message):
@@ -82,6 +84,21 @@ def test_cli_bad_input_names_the_problem_and_writes_nothing(tmp_path, args, mess
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert not out.exists() and not (tmp_path / "s.jsonl").exists()
+
+
+def test_shard_scans_merge_into_the_single_scan(tmp_path):
+    common = ("scan", "--levels", "0.5,0.9", "--samples", 64)
+    assert invoke(*common, "--out", tmp_path / "whole.json").exit_code == 0
+    for index in range(2):
+        result = invoke(*common, "--shard", f"{index}/2", "--out", tmp_path / f"shard{index}.json")
+        assert result.exit_code == 0, result.output
+    result = invoke("merge", tmp_path / "shard1.json", tmp_path / "shard0.json", "--out", tmp_path / "merged.json")
+    assert result.exit_code == 0, result.output
+    whole, merged = ps.Profile.load(tmp_path / "whole.json"), ps.Profile.load(tmp_path / "merged.json")
+    assert [t.name for t in merged.targets] == [t.name for t in whole.targets]
+    assert [(c.target, c.level, c.change) for c in merged.cells] == [(c.target, c.level, c.change) for c in whole.cells]
+    result = invoke("merge", tmp_path / "shard0.json", "--out", tmp_path / "half.json")
+    assert result.exit_code == 2 and "missing [1]" in result.output and not (tmp_path / "half.json").exists()
 
 
 def test_plan_refuses_unreachable_budget(tmp_path):

@@ -1,4 +1,4 @@
-"""Command line: prunescope scan | plan | prune | report | demo. A thin shell over the Python API."""
+"""Command line: prunescope scan | merge | estimate | plan | prune | report | demo. A thin shell over the Python API."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def scan(
     data: str | None = typer.Option(None, help=DATA_HELP + " (default: digits for digits-cnn)"),
     metric: str | None = typer.Option(None, help="accuracy | loss | perplexity | kl (default: suits the data)"),
     levels: str = typer.Option("0.1:0.9:0.1", help="comma list (0.3,0.5,2:4) or start:stop:step"),
-    criterion: str = typer.Option("magnitude", help="magnitude | random; structured: magnitude (= l2) | l1 | l2 | bn_scale | random"),
+    criterion: str = typer.Option("magnitude", help="magnitude | random | wanda | sparsegpt (calibrated on the scan's own batches); structured: magnitude (= l2) | l1 | l2 | bn_scale | random"),
     granularity: str = typer.Option("weight", help="weight | channel | head | neuron | block"),
     head_mode: str = typer.Option("kv_group", help="heads: kv_group (a KV group with its query heads) | query"),
     round_to: int | None = typer.Option(None, help="structured: keep unit counts a multiple of this"),
@@ -79,6 +79,7 @@ def scan(
     cache_mb: int = typer.Option(2048, help="incremental: MiB of recorded activations kept in memory (the rest spills to disk)"),
     workers: int | None = typer.Option(None, help="local: worker processes sharing this process's threads (default 1: in this process); ray: tasks at once (default: the cluster's CPUs)"),
     executor: str = typer.Option("local", help="local | ray (one Ray task per layer on the cluster ray.init() finds; pip install 'prunescope[ray]')"),
+    shard: str | None = typer.Option(None, help="I/N: scan only targets I, I+N, I+2N, ... (0 <= I < N), e.g. one machine each; join with 'prunescope merge'"),
 ) -> None:
     """Measure each layer's sensitivity: prune one layer at one level, evaluate, restore."""
     from .execution import check_execution
@@ -89,6 +90,7 @@ def scan(
 
     try:
         check_execution(workers, executor)
+        parsed_shard = _parse_shard(shard)
         parsed_levels = parse_levels_text(levels)
         loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
         targets = find_targets(loaded.model, granularity, include=include, exclude=_patterns(exclude),
@@ -101,7 +103,8 @@ def scan(
         started = time.perf_counter()
         profile = run_scan(loaded.model, evaluator, targets, parsed_levels, criterion, store, max_drop=max_drop, seed=seed,
                            round_to=round_to, mode=mode, tolerance=tolerance, incremental=incremental,
-                           cache_bytes=cache_mb * 1024**2, progress=True, workers=workers, executor=executor)
+                           cache_bytes=cache_mb * 1024**2, progress=True, workers=workers, executor=executor,
+                           shard=parsed_shard)
         profile.provenance.update({"model_spec": model, "data_spec": data})
         profile.save(out)
         if out.suffix == ".json":
@@ -110,6 +113,37 @@ def scan(
         _fail(error)
     console.print(profile_table(profile))
     console.print(f"scan took {time.perf_counter() - started:.1f}s; wrote {out}")
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> ``(I, N)``; the range itself is checked by the scan."""
+    if text is None:
+        return None
+    index, slash, count = text.partition("/")
+    if not slash or not index.strip().isdigit() or not count.strip().isdigit():
+        raise PrunescopeError(f"--shard must be I/N with whole numbers 0 <= I < N (e.g. 0/2); got {text!r}")
+    return int(index), int(count)
+
+
+@app.command()
+def merge(
+    shards: list[Path] = typer.Argument(..., help="the profile files of 'scan --shard I/N' for I = 0..N-1, in any order"),
+    out: Path = typer.Option(Path("profile.json"), help="merged profile file (.json or .csv); a .csv twin is written beside a .json"),
+) -> None:
+    """Join the shard profiles of one scan into the profile a single scan would have written."""
+    from .shards import merge_profiles
+
+    try:
+        missing = [str(p) for p in shards if not p.is_file()]
+        if missing:
+            raise PrunescopeError(f"no such profile file: {', '.join(missing)}")
+        profile = merge_profiles(shards)
+        profile.save(out)
+        if out.suffix == ".json":
+            profile.save(out.with_suffix(".csv"))
+    except PrunescopeError as error:
+        _fail(error)
+    console.print(f"merged {len(shards)} shards: {len(profile.targets)} targets, {len(profile.cells)} cells; wrote {out}")
 
 
 @app.command()
