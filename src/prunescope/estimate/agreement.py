@@ -7,7 +7,6 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from ..errors import PrunescopeError
 from ..profile import Profile
@@ -38,6 +37,8 @@ class Agreement:
 def _spearman(x: list[float], y: list[float]) -> float:
     if len(x) < 3:
         return math.nan
+    from scipy import stats as scipy_stats  # imported here: worker processes never need it
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a constant input: the correlation is undefined (NaN)
         value = scipy_stats.spearmanr(x, y).statistic
