@@ -267,3 +267,19 @@ def test_cli_scan_with_workers(tmp_path):
     assert result.exit_code == 0, result.output
     profile = ps.Profile.load(out)
     assert len(profile.cells) == 5 and profile.provenance["execution"]["workers"] == 2
+
+
+def test_the_worker_payload_carries_each_batch_once():
+    """Batches sliced from one big tensor pickle only their own elements, and arrive equal."""
+    from prunescope.execution.payload import WorkerContext, pack, unpack
+    from prunescope.scan import ScanSettings
+
+    model = nn.Sequential(nn.Linear(256, 4))
+    data = torch.randn(64, 256)
+    evaluator = ps.Evaluator(model, [data[i:i + 4] for i in range(0, 64, 4)], "kl")
+    settings = ScanSettings("weight", "magnitude", (0.5,), ("0.5",), 0, None, None, "exact", None, 0.95, True, 2**20)
+    packed = pack(WorkerContext(model, evaluator, ps.find_targets(model, exclude=[]), settings))
+    assert len(packed) < 2 * (data.nbytes + 256 * 4 * 4)  # not 16 copies of the whole tensor
+    received = unpack(packed).evaluator.batches
+    assert all(torch.equal(a, b) for a, b in zip(received, evaluator.batches, strict=True))
+    assert evaluator.batches[0].untyped_storage().data_ptr() == data.untyped_storage().data_ptr()  # caller's untouched

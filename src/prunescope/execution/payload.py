@@ -9,9 +9,10 @@ so the worker's own hooks never collide with the model's.
 
 from __future__ import annotations
 
+import copy
 import pickle
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +41,9 @@ def pack(context: WorkerContext) -> bytes:
     """Pickle ``context`` for the workers; a model or evaluator that cannot be pickled is refused."""
     import cloudpickle
 
+    evaluator = copy.copy(context.evaluator)
+    evaluator.batches = _compact(evaluator.batches)
+    context = replace(context, evaluator=evaluator, calibration=_compact(context.calibration))
     try:
         blob = cloudpickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as error:  # any pickling failure means the same thing here
@@ -48,6 +52,22 @@ def pack(context: WorkerContext) -> bytes:
             f"{str(error)[:300]}; pass workers=1 (in this process) or make the model picklable") from error
     header = {"sys_path": list(sys.path), "hook_ids": RemovableHandle.next_id, "context": blob}
     return pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _compact(batches: Any) -> Any:
+    """``batches`` with every tensor that views a larger storage copied into its own.
+
+    A tensor pickles with its whole storage, so 16 batches sliced from one 64-image tensor would
+    carry the 64 images 16 times (50 MB instead of 3 MB for the resnet18 bench).
+    """
+    from torch.utils._pytree import tree_map
+
+    def own_storage(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().nbytes() > leaf.nbytes:
+            return leaf.clone()
+        return leaf
+
+    return tree_map(own_storage, batches)
 
 
 def unpack(data: bytes) -> WorkerContext:
