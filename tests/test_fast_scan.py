@@ -71,6 +71,16 @@ def test_incremental_equals_full_evaluation_on_a_decoder(granularity):
     _no_patched_forward(model)
 
 
+def test_the_cache_records_only_what_cells_replay():
+    """A decoder's cache holds the hidden states of the blocks before the last target, never the logits."""
+    model = tiny_llama()
+    evaluator = ps.Evaluator(model, token_batches(count=2), "perplexity")
+    targets = ps.find_targets(model, include=["model.layers.1.*"])
+    summary = ps.scan(model, evaluator, targets, levels=(0.5,)).provenance["incremental"]
+    hidden = sum(b["input_ids"].numel() for b in evaluator.batches) * model.config.hidden_size * 4  # float32 bytes of one layer's output
+    assert summary["units"] == 1 and summary["cache_bytes_in_memory"] == hidden  # model.layers.0 only
+
+
 def test_cache_spills_to_disk_past_its_memory_cap():
     model, evaluator = _resnet()
     targets = ps.find_targets(model, example=evaluator.batches[0])[-6:]

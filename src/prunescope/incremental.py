@@ -73,6 +73,9 @@ def _storable(value: Any) -> bool:
 class PrefixCache:
     """Dense outputs of a model's units on an evaluator's batches, and the skip sets cells may use.
 
+    Construction runs batch 0 once to learn the execution order; :meth:`record` then keeps the
+    outputs of the units cells will skip (a unit no cell skips, such as an LM head, costs nothing).
+
     Args:
         model: the dense model (only read; its forwards are patched only inside :meth:`skipping`).
         evaluator: supplies the batches.
@@ -93,11 +96,12 @@ class PrefixCache:
         self.held_bytes = 0
         self.spilled_bytes = 0
         self._verified: dict[tuple[str, ...], bool] = {}
-        self._record()
+        self._full_last: torch.Tensor | None = None
+        self._record_order()
 
     # ---- recording -------------------------------------------------------------------------
-    def _record(self) -> None:
-        """Execution order on batch 0 (every module), then each unit's output on every batch."""
+    def _record_order(self) -> None:
+        """Execution order on batch 0 (every module); units called other than once are dropped."""
         names = {id(m): n for n, m in self.model.named_modules()}
         counter = iter(range(10**12))
         handles = []
@@ -120,9 +124,12 @@ class PrefixCache:
             for handle in handles:
                 handle.remove()
         self.units = {n: u for n, u in self.units.items() if self.calls.get(n) == 1}
-        self._record_outputs()
 
-    def _record_outputs(self) -> None:
+    def record(self, names: set[str]) -> None:
+        """Keep the dense output of each unit in ``names`` on every batch (one full pass)."""
+        self.units = {n: u for n, u in self.units.items() if n in names}
+        if not self.units:
+            return
         current = {"batch": 0}
         unstorable: set[str] = set()
 
@@ -169,6 +176,7 @@ class PrefixCache:
     def close(self) -> None:
         """Drop the records and delete spilled files."""
         self._memory.clear()
+        self._full_last = None
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
@@ -203,7 +211,9 @@ class PrefixCache:
         if skips not in self._verified:
             last = len(self.evaluator.batches) - 1
             with _eval_mode(self.model), torch.no_grad():
-                full = logits_of(run_model(self.model, self.evaluator.batches[last]))
+                if self._full_last is None:  # the same for every skip set: computed once
+                    self._full_last = logits_of(run_model(self.model, self.evaluator.batches[last]))
+                full = self._full_last
                 run_model(self.model, self.evaluator.batches[0])
                 with self.skipping(skips, last):
                     replayed = logits_of(run_model(self.model, self.evaluator.batches[last]))

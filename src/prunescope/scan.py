@@ -294,8 +294,7 @@ class TargetRunner:
         self.dense_stats = dense_stats
         self.replay = None
         if settings.incremental:
-            self.replay = _Replay(model, evaluator, targets if eager else [], settings.granularity, settings.cache_bytes,
-                                  warn=eager)
+            self.replay = _Replay(model, evaluator, targets, settings.granularity, settings.cache_bytes, eager=eager)
         self.measure = _Measure(evaluator, self.replay, settings.mode, settings.tolerance, settings.confidence,
                                 settings.max_drop)
 
@@ -396,14 +395,17 @@ class _Replay:
     """Which recorded dense outputs each target's cells replay (see :mod:`prunescope.incremental`)."""
 
     def __init__(self, model: torch.nn.Module, evaluator: Evaluator, targets: list[Target], granularity: str,
-                 cache_bytes: int, warn: bool = True) -> None:
+                 cache_bytes: int, eager: bool = True) -> None:
+        """Records the outputs of the units any of ``targets`` would skip; ``eager`` also verifies every
+        target's skip set now (and warns about refused ones) instead of on the target's first cell."""
         self.cache = PrefixCache(model, evaluator, cache_bytes)
         self.model, self.granularity = model, granularity
+        self.cache.record({unit for t in targets for unit in self.cache.skip_set(_cell_tensors(model, t, granularity))})
         self.skips: dict[str, tuple[str, ...]] = {}
         self.refused_of: dict[str, tuple[str, ...]] = {}
-        for target in targets:
+        for target in targets if eager else []:
             self.prepare(target)
-        if self.refused and warn:
+        if self.refused and eager:
             warnings.warn(refused_replay_warning(self.refused), stacklevel=4)
 
     @property
