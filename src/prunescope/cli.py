@@ -46,6 +46,13 @@ def _load(model_spec: str, data_spec: str | None, samples: int | None, batch_siz
     return loaded, evaluator
 
 
+def _save_profile(profile, out: Path) -> None:
+    """Write ``out`` (.json or .csv) and, beside a .json, its .csv twin."""
+    profile.save(out)
+    if out.suffix == ".json":
+        profile.save(out.with_suffix(".csv"))
+
+
 def _patterns(values: list[str] | None) -> list[str] | None:
     if values is None:
         return None
@@ -106,9 +113,7 @@ def scan(
                            cache_bytes=cache_mb * 1024**2, progress=True, workers=workers, executor=executor,
                            shard=parsed_shard)
         profile.provenance.update({"model_spec": model, "data_spec": data})
-        profile.save(out)
-        if out.suffix == ".json":
-            profile.save(out.with_suffix(".csv"))
+        _save_profile(profile, out)
     except PrunescopeError as error:
         _fail(error)
     console.print(profile_table(profile))
@@ -138,9 +143,7 @@ def merge(
         if missing:
             raise PrunescopeError(f"no such profile file: {', '.join(missing)}")
         profile = merge_profiles(shards)
-        profile.save(out)
-        if out.suffix == ".json":
-            profile.save(out.with_suffix(".csv"))
+        _save_profile(profile, out)
     except PrunescopeError as error:
         _fail(error)
     console.print(f"merged {len(shards)} shards: {len(profile.targets)} targets, {len(profile.cells)} cells; wrote {out}")
