@@ -5,9 +5,10 @@ Case resnet18 (the issue's benchmark case): torchvision resnet18, random init (s
 ``exclude=[]``), levels 0.1..0.9, exact incremental scan.
 
 ``workers=1`` is the serial scan in this process with all of this process's torch threads
-(default: torch's, 2 on these machines); ``workers=2`` splits them between two worker processes
-(each a fresh interpreter: its time includes starting Python, importing torch and loading the
-model). The two alternate in the same process (the first swaps every repeat); the dense
+(default: torch's, 2 on these machines); ``workers=2`` splits them between this process and one
+worker process (a fresh interpreter: its time includes starting Python, importing torch and
+loading the model, while this process measures from the start). With ``--threads 1`` each of the
+two gets one thread, so workers=2 uses two cores against workers=1's one. The two alternate in the same process (the first swaps every repeat); the dense
 evaluation is cached before timing, so both pay the same.
 
 One JSON line on stdout: median wall seconds of each, ``ratio`` = workers=1 / workers=2 (> 1:

@@ -46,18 +46,29 @@ def _stored(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()[1:]]
 
 
-def _die_when_pruned(flag: str, how: str, module: nn.Module, _args) -> None:
+def _die_when_pruned(flag: str, how: str, home: int, module: nn.Module, _args) -> None:
     """Forward pre-hook: while ``flag`` exists and this layer's weight is pruned, end the process
     (``how``: "kill-once" SIGKILLs itself after removing the flag, "exit" leaves with code 3,
-    "raise" raises)."""
+    "raise" raises). In process ``home`` (the test's own, one of the local workers) it raises
+    instead of ending the process ("kill-once" still removes the flag)."""
     if not os.path.exists(flag) or not bool((module.weight == 0).any()):
         return
     if how == "kill-once":
         os.remove(flag)
-        os.kill(os.getpid(), signal.SIGKILL)
-    if how == "exit":
+        if os.getpid() != home:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if how == "exit" and os.getpid() != home:
         os._exit(3)
     raise RuntimeError("this layer refuses to run pruned")
+
+
+def _fail_in_process(flag: str, home: int, raised: list, model: nn.Module, _args) -> None:
+    """Forward pre-hook on the whole model: while ``flag`` exists, a forward in process ``home`` with
+    some conv or linear weight pruned raises (and is counted in ``raised``)."""
+    layers = (m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
+    if os.path.exists(flag) and os.getpid() == home and any(bool((m.weight == 0).any()) for m in layers):
+        raised.append(1)
+        raise RuntimeError("not in this process")
 
 
 def _doomed(model: nn.Module, tmp_path: Path, hooks: dict[str, str]) -> dict[str, Path]:
@@ -65,7 +76,7 @@ def _doomed(model: nn.Module, tmp_path: Path, hooks: dict[str, str]) -> dict[str
     flags = {}
     for name, how in hooks.items():
         flags[name] = tmp_path / f"{name}.flag"
-        model.get_submodule(name).register_forward_pre_hook(functools.partial(_die_when_pruned, str(flags[name]), how))
+        model.get_submodule(name).register_forward_pre_hook(functools.partial(_die_when_pruned, str(flags[name]), how, os.getpid()))
     return flags
 
 
@@ -135,6 +146,23 @@ def test_a_dead_worker_is_retried_once_then_its_target_reported(tmp_path):
     resumed = ps.scan(model, evaluator, targets, LEVELS, store=store, max_drop=0.00125, workers=2)
     assert _cells(resumed) == _cells(serial)
     assert resumed.provenance["execution"]["targets_run"] == 1
+    assert_unchanged(model, before)
+
+
+def test_a_target_failing_in_this_process_is_retried_in_a_worker_process(tmp_path):
+    model, evaluator, targets = _resnet()
+    before = snapshot(model)
+    serial = ps.scan(model, evaluator, targets, LEVELS)
+    flag = tmp_path / "flag"
+    flag.touch()
+    raised: list[int] = []
+    handle = model.register_forward_pre_hook(functools.partial(_fail_in_process, str(flag), os.getpid(), raised))
+    parallel = ps.scan(model, evaluator, targets, LEVELS, workers=2, store=tmp_path / "cells.jsonl")
+    assert raised == [1]  # this process tried its first target once, then left the rest to processes
+    assert _cells(parallel) == _cells(serial)
+    assert len(_stored(tmp_path / "cells.jsonl")) == len(serial.cells)
+    assert torch.get_num_threads() == 1  # this process's threads are given back
+    handle.remove()
     assert_unchanged(model, before)
 
 
@@ -255,7 +283,7 @@ def test_a_model_the_workers_cannot_import_is_refused_by_name(tmp_path):
         evaluator = ps.Evaluator(model, [torch.randn(3, 4)], "kl")
         with pytest.raises(ps.PrunescopeError, match="a worker process could not load the model and evaluator: "
                                                      "ModuleNotFoundError: No module named 'elsewhere_model'"):
-            ps.scan(model, evaluator, levels=(0.5,), workers=2)
+            ps.scan(model, evaluator, ps.find_targets(model, exclude=[]), levels=(0.5,), workers=2)
     finally:
         del sys.modules["elsewhere_model"]
 

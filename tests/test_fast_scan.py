@@ -200,3 +200,18 @@ def test_an_ordinary_model_scans_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ps.scan(model, evaluator, ps.find_targets(model, example=evaluator.batches[0])[:2], levels=(0.5,))
+
+
+def test_adaptive_samples_batches_in_random_order_so_a_sorted_list_does_not_bias_it():
+    """Batches sorted from faint to strong images: the first few in list order show a tiny, steady
+    change. Adaptive cells still bound the exact change, because they visit batches at random."""
+    model, _ = _resnet()
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    images *= torch.linspace(0.05, 3.0, 64).view(64, 1, 1, 1)  # sorted by scale
+    evaluator = ps.Evaluator(model, [images[i:i + 4] for i in range(0, 64, 4)], "kl")
+    targets = ps.find_targets(model, example=evaluator.batches[0])[4:10]
+    exact = ps.scan(model, evaluator, targets, levels=(0.5,))
+    adaptive = ps.scan(model, evaluator, targets, levels=(0.5,), mode="adaptive", tolerance=0.02)
+    inside = [adaptive.cell(c.target, c.level).ci_low <= c.change <= adaptive.cell(c.target, c.level).ci_high
+              for c in exact.cells]
+    assert sum(inside) >= 5 and any(adaptive.cell(c.target, c.level).samples < 64 for c in exact.cells)

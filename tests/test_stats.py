@@ -160,3 +160,21 @@ def test_cosine_metric_is_zero_on_the_dense_model_and_grows_with_damage():
     for name in {c.target for c in profile.cells}:
         light, heavy = profile.cell(name, "0.3"), profile.cell(name, "0.9")
         assert 0 <= light.value <= heavy.value
+
+
+def test_finite_population_interval_covers_the_whole_data_mean():
+    """Samples drawn without replacement from N: the corrected interval contains the mean over all N
+    about 95% of the time, is narrower than the uncorrected one, and is the mean itself once n = N."""
+    rng = np.random.default_rng(0)
+    dense, pruned = _paired(40, seed=3, shift=0.3)
+    whole = float(np.mean(pruned - dense))
+    hits, trials = 0, 2000
+    for _ in range(trials):
+        chosen = rng.choice(40, size=20, replace=False)
+        corrected = paired_change(dense[chosen], pruned[chosen], np.ones(20), population=40)
+        plain = paired_change(dense[chosen], pruned[chosen], np.ones(20))
+        assert corrected.ci_high - corrected.ci_low < plain.ci_high - plain.ci_low
+        hits += corrected.ci_low <= whole <= corrected.ci_high
+    assert 0.93 <= hits / trials <= 0.97
+    full = paired_change(dense, pruned, np.ones(40), population=40)
+    assert full.ci_low == full.change == full.ci_high == pytest.approx(whole, rel=1e-12)

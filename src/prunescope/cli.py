@@ -84,7 +84,7 @@ def scan(
     tolerance: float | None = typer.Option(None, help="adaptive: half-width of the change's interval to stop at (metric units)"),
     incremental: bool = typer.Option(True, help="replay recorded dense activations before each cell's target"),
     cache_mb: int = typer.Option(2048, help="incremental: MiB of recorded activations kept in memory (the rest spills to disk)"),
-    workers: int | None = typer.Option(None, help="local: worker processes sharing this process's threads (default 1: in this process); ray: tasks at once (default: the cluster's CPUs)"),
+    workers: int | None = typer.Option(None, help="local: workers sharing this process's threads, this process and N-1 worker processes (default 1: in this process); ray: tasks at once (default: the cluster's CPUs)"),
     executor: str = typer.Option("local", help="local | ray (one Ray task per layer on the cluster ray.init() finds; pip install 'prunescope[ray]')"),
     shard: str | None = typer.Option(None, help="I/N: scan only targets I, I+N, I+2N, ... (0 <= I < N), e.g. one machine each; join with 'prunescope merge'"),
 ) -> None:

@@ -82,14 +82,17 @@ def scan(
     replayed, so a cell runs only from its target onwards; every replay pattern is first checked
     to reproduce the full forward on batch 0, else its cells run in full (see
     :mod:`prunescope.incremental`). Results are identical to the full evaluation.
-    ``mode="adaptive"`` evaluates each cell batch by batch (at least two) and stops once the
-    half-width of the change's confidence interval is at most ``tolerance`` (metric units), or
-    once the interval lies entirely past ``max_drop``; each cell reports the samples it used.
+    ``mode="adaptive"`` evaluates each cell batch by batch (at least two, in one random order seeded
+    by ``seed``) and stops once the half-width of the change's confidence interval is at most
+    ``tolerance`` (metric units), or once the interval lies entirely past ``max_drop``; each cell
+    reports the samples it used, and its interval bounds the change exact mode would measure on
+    all the batches (finite-population corrected).
     ``mode="exact"`` (default) evaluates every batch.
 
     Execution. The unit of work is one target with all its levels. ``workers=N`` (``executor="local"``)
-    measures targets in N worker processes on this machine, each with ``torch.get_num_threads() // N``
-    threads (at least 1) and its own incremental cache; ``executor="ray"`` runs one Ray task per
+    measures targets in this process (a thread, on ``model``) and N - 1 worker processes on this
+    machine (each on a pickled copy), each of the N with ``torch.get_num_threads() // N`` threads (at
+    least 1) and its own incremental cache; ``executor="ray"`` runs one Ray task per
     target on the cluster ``ray.init()`` connects to (the model and batches put in the object store
     once; ``workers`` caps the tasks in flight, default the cluster's CPUs). Either way this process
     alone writes ``store`` (cell by cell as they arrive) and builds the Profile in the serial order,
@@ -183,8 +186,12 @@ def scan(
 
     if parallel:
         tasks, done = _pending(targets, cell_store, settings, evaluator.higher_is_better)
+        def home() -> TargetRunner:
+            return TargetRunner(model, evaluator, targets, settings, dense_stats=dense_stats, eager=False)
+
         cells, provenance["execution"], summary = run_parallel(payload, targets, tasks, done, level_keys, cell_store,
-                                                               executor, workers, progress)
+                                                               executor, workers, progress,
+                                                               home if executor == "local" else None)
     else:
         runner = TargetRunner(model, evaluator, targets, settings, dense_stats=dense_stats)
         cells, summary = _scan_in_process(runner, targets, level_keys, cell_store, progress)
@@ -296,7 +303,7 @@ class TargetRunner:
         if settings.incremental:
             self.replay = _Replay(model, evaluator, targets, settings.granularity, settings.cache_bytes, eager=eager)
         self.measure = _Measure(evaluator, self.replay, settings.mode, settings.tolerance, settings.confidence,
-                                settings.max_drop)
+                                settings.max_drop, settings.seed)
 
     def cells(self, target: Target, known: Mapping[str, Cell]) -> Iterator[tuple[Cell, bool]]:
         """Yield (cell, measured now) for each level in order, taking ``known`` cells (by level key) as they
@@ -451,12 +458,21 @@ def _cell_tensors(model: torch.nn.Module, target: Target, granularity: str) -> l
 
 
 class _Measure:
-    """Evaluate one cell: all batches (exact) or batch by batch until the interval is tight (adaptive)."""
+    """Evaluate one cell: all batches (exact) or batch by batch until the interval is tight (adaptive).
+
+    Adaptive cells visit the batches in one seeded random order, the same for every cell: the
+    batches seen first are then a random sample of the list (a list in the order of a text, or of
+    a dataset sorted by class, would otherwise bias the early estimate), and cells stopped at the
+    same count are compared on the same batches. The interval bounds the exact scan's change on
+    all the batches, so its variance carries the finite-population correction (1 - n / N): it
+    shrinks to the exact value once every sample is seen.
+    """
 
     def __init__(self, evaluator: Evaluator, replay: _Replay | None, mode: str, tolerance: float | None,
-                 confidence: float, max_drop: float | None) -> None:
+                 confidence: float, max_drop: float | None, seed: int = 0) -> None:
         self.evaluator, self.replay, self.mode = evaluator, replay, mode
         self.tolerance, self.confidence, self.max_drop = tolerance, confidence, max_drop
+        self.order = [int(i) for i in np.random.default_rng(seed).permutation(len(evaluator.batches))]
 
     def __call__(self, model: torch.nn.Module, name: str, key: str,
                  removal: tuple[float, Callable[[], Callable[[], None]]]) -> Cell:
@@ -490,13 +506,14 @@ class _Measure:
         anchor = float((dense.values * dense.weights).sum() / dense.weights.sum())
         done: list[int] = []
         values: list[np.ndarray] = []
-        for index in range(len(evaluator.batches)):
+        for index in self.order:
             done.append(index)
             values.append(evaluator.evaluate(model, batch_indices=[index], on_batch=on_batch).values)
             if len(done) < 2 and len(evaluator.batches) > 1:
                 continue
             dense_values, dense_weights = evaluator.dense_on(done)
-            change = paired_change(dense_values, np.concatenate(values), dense_weights, log_scale, self.confidence, dense_mean=anchor)
+            change = paired_change(dense_values, np.concatenate(values), dense_weights, log_scale, self.confidence,
+                                   dense_mean=anchor, population=dense.samples)
             if change.ci_low is None:
                 continue
             if (change.ci_high - change.ci_low) / 2 <= self.tolerance or self._past_cap(change):

@@ -27,6 +27,7 @@ def paired_change(
     log_scale: bool = False,
     confidence: float = 0.95,
     dense_mean: float | None = None,
+    population: int | None = None,
 ) -> PairedChange:
     """Weighted mean of the per-sample differences and its t interval (ratio-estimator variance).
 
@@ -34,6 +35,9 @@ def paired_change(
     interval of the mean difference is mapped through exp, which is exact because exp is monotone.
     ``dense_mean`` (on the per-sample scale) anchors the value and the exp mapping when the samples
     are a subset of the data (adaptive scans): the change is then added to the full data's dense mean.
+    ``population`` (the data's sample count, when these samples were drawn from it at random without
+    replacement) makes the interval bound the change on the whole data: the variance is multiplied
+    by the finite-population correction 1 - n / population.
     """
     weights = np.asarray(weights, dtype=np.float64)
     diff = np.asarray(pruned_values, np.float64) - np.asarray(dense_values, np.float64)
@@ -45,6 +49,8 @@ def paired_change(
     if n > 1:
         scaled = weights * (diff - mean_diff)
         se = math.sqrt(n / (n - 1) * float((scaled**2).sum())) / total
+        if population is not None:
+            se *= math.sqrt(max(0.0, 1.0 - n / population))
         half = float(stdtrit(n - 1, 0.5 + confidence / 2)) * se
         low, high = float(mean_diff - half), float(mean_diff + half)
     else:

@@ -6,8 +6,9 @@ the executor, this process alone appends cells to the store (each as soon as it 
 to disk) and assembles the Profile in the serial order (targets as given, levels as given).
 
 - ``local`` with ``workers=1``: the serial scan in this process (:func:`prunescope.scan.scan`).
-- ``local`` with ``workers=N``: N fresh Python processes (:mod:`.local`, :mod:`.worker`), each
-  with a pickled copy of the model and evaluator and ``torch.get_num_threads() // N`` threads.
+- ``local`` with ``workers=N``: this process (a thread on the caller's model) and N - 1 fresh
+  Python processes (:mod:`.local`, :mod:`.worker`) with a pickled copy of the model and evaluator,
+  each of the N with ``torch.get_num_threads() // N`` threads.
 - ``ray``: one Ray task per target (:mod:`.ray_tasks`).
 
 A target whose worker dies or raises is retried once; one that fails twice is reported, with
@@ -17,7 +18,9 @@ its missing cells, by a PrunescopeError raised after every other target is done 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from contextlib import closing
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +30,9 @@ from ..progress import progress_bar
 from ..store import CellStore
 from ..targets import Target
 from .events import CellFinished, TargetFailed, TargetFinished, Task
+
+if TYPE_CHECKING:
+    from ..scan import TargetRunner
 
 EXECUTORS = ("local", "ray")
 
@@ -50,10 +56,11 @@ def threads_per_worker(workers: int) -> int:
 
 def run_parallel(payload: bytes, targets: list[Target], tasks: list[Task], results: dict[int, list[Cell]],
                  level_keys: list[str], store: CellStore | None, executor: str, workers: int | None,
-                 progress: bool = False) -> tuple[list[Cell], dict, dict | None]:
+                 progress: bool = False, home: Callable[[], TargetRunner] | None = None) -> tuple[list[Cell], dict, dict | None]:
     """Measure ``tasks`` on ``executor``; return (the cells of every target in the serial order, execution
     provenance, incremental summary). ``results`` holds the cells of the targets finished before (from
-    the store); new cells are appended to ``store`` as they arrive. Raises a PrunescopeError naming
+    the store); new cells are appended to ``store`` as they arrive. ``home`` builds a runner on the
+    caller's model, making this process one of the local workers. Raises a PrunescopeError naming
     the cells of targets that failed twice, once all the others are done."""
     results = dict(results)
     threads = 1 if executor == "ray" else threads_per_worker(workers)
@@ -66,7 +73,7 @@ def run_parallel(payload: bytes, targets: list[Target], tasks: list[Task], resul
     else:
         from .local import local_events
 
-        events = local_events(payload, tasks, workers, threads)
+        events = local_events(payload, tasks, workers, threads, home, targets)
     failures: dict[int, TargetFailed] = {}
     replays: list[dict] = []
     stored = {task.index: set(task.known) for task in tasks}

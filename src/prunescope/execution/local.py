@@ -1,8 +1,13 @@
-"""Worker processes on this machine: each a fresh interpreter holding its own copy of the model.
+"""Workers on this machine: this process (a thread measuring on the caller's own model, restored
+bit for bit after every cell) and ``workers - 1`` fresh interpreters, each holding its own copy.
+
+This process is one of the workers because it is ready at once: a worker process spends seconds
+importing torch, unpickling the model and recording its cache before its first cell (about 5 s
+here), which on two cores would otherwise leave both idle for that long.
 
 The parent hands each idle worker one :class:`Task` (a target with all its levels) and reads
 what the workers send back as it arrives. A worker that dies (its pipe closes) or reports an
-exception is replaced by a fresh one, which retries that target first, from the cells already
+exception is replaced by a fresh process, which retries that target first, from the cells already
 received; a target that fails twice becomes a :class:`TargetFailed` event and the others go on.
 """
 
@@ -14,15 +19,24 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from ..errors import PrunescopeError
 from ..profile import Cell
-from .events import CellFinished, Event, TargetFailed, TargetFinished, Task
-from .worker import BROKEN
+from .events import CellFinished, Event, TargetFailed, TargetFinished, Task, describe
+from .worker import BROKEN, measure
+
+if TYPE_CHECKING:
+    from ..scan import TargetRunner
+    from ..targets import Target
 
 ATTEMPTS = 2
 """A target is measured at most this many times (the first try and one retry)."""
@@ -85,8 +99,59 @@ class _Worker:
             self.process.wait()
 
 
-def local_events(payload: bytes, tasks: list[Task], workers: int, threads: int) -> Iterator[Event]:
-    """Measure ``tasks`` on ``workers`` processes of ``threads`` torch threads each; yield events as they come."""
+class _HomeWorker:
+    """This process as a worker: a thread measuring with a runner on the caller's model. Answers on
+    a pipe like a worker process, so the parent waits on both alike; once a target fails here, the
+    thread ends and a worker process takes its place."""
+
+    def __init__(self, make_runner: Callable[[], TargetRunner], targets: list[Target]) -> None:
+        task_read, self.tasks = Pipe(duplex=False)
+        self.results, result_write = Pipe(duplex=False)
+        self.task: Task | None = None
+        self.received: dict[str, Cell] = {}
+        self.error = "it ended without a reason"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(make_runner, targets, task_read, result_write),
+                                        name="prunescope-scan", daemon=True)
+        self._thread.start()
+
+    def _serve(self, make_runner: Callable[[], TargetRunner], targets: list[Target], inbox: Connection,
+               outbox: Connection) -> None:
+        runner = None
+        try:
+            runner = make_runner()
+            measure(inbox, outbox, targets, runner, self._stop)
+        except Exception as error:  # the runner could not be built: the parent retries the target in a process
+            self.error = describe(error)
+        finally:
+            if runner is not None:
+                runner.close()  # removes its hooks from the caller's model
+            inbox.close()
+            outbox.close()
+
+    give = _Worker.give
+
+    def death(self) -> str:
+        self._thread.join()
+        return f"this process's scanning thread stopped: {self.error}"
+
+    def stop(self) -> None:
+        """Ask the thread to stop after its current cell and wait for it (the model is restored by then)."""
+        self._stop.set()
+        try:
+            self.tasks.send(None)
+        except OSError:
+            pass
+        self._thread.join()
+        for connection in (self.tasks, self.results):
+            connection.close()
+
+
+def local_events(payload: bytes, tasks: list[Task], workers: int, threads: int,
+                 home: Callable[[], TargetRunner] | None = None, targets: list[Target] | None = None) -> Iterator[Event]:
+    """Measure ``tasks`` on ``workers`` workers of ``threads`` torch threads each; yield events as they come.
+    With ``home`` (a factory of a runner on the caller's model) and ``targets``, this process is one of
+    them and ``workers - 1`` are processes; without, all ``workers`` are processes."""
     if os.name != "posix":
         raise PrunescopeError("workers > 1 start worker processes with inherited pipes, which needs a POSIX system; "
                               "use workers=1 or executor='ray'")
@@ -95,9 +160,14 @@ def local_events(payload: bytes, tasks: list[Task], workers: int, threads: int) 
     path.write_bytes(payload)
     queue = deque(tasks)
     attempts: Counter[int] = Counter()
-    pool: list[_Worker] = []
+    pool: list[_Worker | _HomeWorker] = []
+    threads_before = torch.get_num_threads()
     try:
-        pool.extend(_Worker(path, threads) for _ in range(min(workers, len(queue))))
+        wanted = min(workers, len(queue))
+        if home is not None and wanted:
+            torch.set_num_threads(threads)
+            pool.append(_HomeWorker(home, targets))
+        pool.extend(_Worker(path, threads) for _ in range(wanted - len(pool)))
         while queue or any(w.task is not None for w in pool):
             for worker in pool:
                 if worker.task is None and queue:
@@ -135,4 +205,5 @@ def local_events(payload: bytes, tasks: list[Task], workers: int, threads: int) 
     finally:
         for worker in pool:
             worker.stop()
+        torch.set_num_threads(threads_before)
         shutil.rmtree(folder, ignore_errors=True)

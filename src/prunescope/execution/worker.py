@@ -14,10 +14,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import traceback
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from .events import CellFinished, TargetFailed, TargetFinished, Task, describe
+
+if TYPE_CHECKING:
+    from ..scan import TargetRunner
+    from ..targets import Target
 
 BROKEN = "broken"
 """First element of the message a worker sends when it cannot load the payload."""
@@ -35,28 +41,35 @@ def serve(inbox: Connection, outbox: Connection, payload_path: str, threads: int
         outbox.send((BROKEN, describe(error)))
         return 1
     try:
-        while True:
-            try:
-                task = inbox.recv()
-            except EOFError:
-                return 0
-            if not isinstance(task, Task):
-                return 0
-            target = context.targets[task.index]
-            try:
-                cells = []
-                for cell, fresh in runner.cells(target, task.known):
-                    if fresh:
-                        outbox.send(CellFinished(task.index, cell))
-                    cells.append(cell)
-            except Exception as error:
-                outbox.send(TargetFailed(task.index, describe(error), 1))
-                return 1
-            outbox.send(TargetFinished(task.index, cells, runner.replay_status(target)))
+        return measure(inbox, outbox, context.targets, runner)
     except (BrokenPipeError, EOFError):  # the parent is gone
         return 0
     finally:
         runner.close()
+
+
+def measure(inbox: Connection, outbox: Connection, targets: list[Target], runner: TargetRunner, stop: threading.Event | None = None) -> int:
+    """Measure the tasks read from ``inbox`` with ``runner`` until told to stop (``None``, the end of
+    ``inbox``, or ``stop`` set, checked after each cell); 1 after a target failed (reported), else 0."""
+    while True:
+        try:
+            task = inbox.recv()
+        except EOFError:
+            return 0
+        if not isinstance(task, Task):
+            return 0
+        try:
+            cells = []
+            for cell, fresh in runner.cells(targets[task.index], task.known):
+                if fresh:
+                    outbox.send(CellFinished(task.index, cell))
+                cells.append(cell)
+                if stop is not None and stop.is_set():
+                    return 0
+        except Exception as error:
+            outbox.send(TargetFailed(task.index, describe(error), 1))
+            return 1
+        outbox.send(TargetFinished(task.index, cells, runner.replay_status(targets[task.index])))
 
 
 def main(argv: list[str]) -> None:
