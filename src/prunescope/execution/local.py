@@ -42,7 +42,24 @@ ATTEMPTS = 2
 """A target is measured at most this many times (the first try and one retry)."""
 
 
-class _Worker:
+class _Seat:
+    """What the parent knows of any worker: the pipe it sends tasks on, the pipe it reads results
+    from, the task in hand and the cells received for it."""
+
+    tasks: Connection
+    results: Connection
+    task: Task | None = None
+    received: dict[str, Cell]
+
+    def give(self, task: Task) -> None:
+        self.task, self.received = task, dict(task.known)
+        try:
+            self.tasks.send(task)
+        except OSError:  # already gone: its closed result pipe reports it
+            pass
+
+
+class _Worker(_Seat):
     """One worker process and the two pipes to it."""
 
     def __init__(self, payload: Path, threads: int) -> None:
@@ -59,15 +76,7 @@ class _Worker:
             os.close(result_write)
         self.tasks = Connection(task_write, readable=False)
         self.results = Connection(result_read, writable=False)
-        self.task: Task | None = None
-        self.received: dict[str, Cell] = {}
-
-    def give(self, task: Task) -> None:
-        self.task, self.received = task, dict(task.known)
-        try:
-            self.tasks.send(task)
-        except OSError:  # already dead: its closed result pipe reports it
-            pass
+        self.received = {}
 
     def death(self) -> str:
         """How the process ended, once its pipe has closed."""
@@ -99,7 +108,7 @@ class _Worker:
             self.process.wait()
 
 
-class _HomeWorker:
+class _HomeWorker(_Seat):
     """This process as a worker: a thread measuring with a runner on the caller's model. Answers on
     a pipe like a worker process, so the parent waits on both alike; once a target fails here, the
     thread ends and a worker process takes its place."""
@@ -107,8 +116,7 @@ class _HomeWorker:
     def __init__(self, make_runner: Callable[[], TargetRunner], targets: list[Target]) -> None:
         task_read, self.tasks = Pipe(duplex=False)
         self.results, result_write = Pipe(duplex=False)
-        self.task: Task | None = None
-        self.received: dict[str, Cell] = {}
+        self.received = {}
         self.error = "it ended without a reason"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(make_runner, targets, task_read, result_write),
@@ -128,8 +136,6 @@ class _HomeWorker:
                 runner.close()  # removes its hooks from the caller's model
             inbox.close()
             outbox.close()
-
-    give = _Worker.give
 
     def death(self) -> str:
         self._thread.join()
@@ -160,7 +166,7 @@ def local_events(payload: bytes, tasks: list[Task], workers: int, threads: int,
     path.write_bytes(payload)
     queue = deque(tasks)
     attempts: Counter[int] = Counter()
-    pool: list[_Worker | _HomeWorker] = []
+    pool: list[_Seat] = []
     threads_before = torch.get_num_threads()
     try:
         wanted = min(workers, len(queue))
