@@ -19,9 +19,10 @@ Cases:
 
 ``--naive-every K`` runs the naive loop on every K-th cell only and scales its time to all cells
 (a naive cell always costs one deepcopy and one full evaluation, whichever its target); its
-max |difference| is then over those cells. Several ``--tolerance-*`` values give one adaptive
-row each. An adaptive cell evaluates at least 2 batches, so with B batches adaptive can be at
-most exact's ratio x B / 2 faster than naive: printed as ``ceiling_ratio_to_naive``.
+max |difference| is then over those cells. Several ``--tolerance-*`` values and ``--min-batches``
+values give one adaptive row per pair. An adaptive cell evaluates at least M = ``min_batches``
+batches, so with B batches adaptive can be at most exact's ratio x B / M faster than naive:
+printed as ``ceiling_ratio_to_naive``.
 
 Printed per case and method (one JSON line each): median wall time over repeats, ratio to naive,
 for exact the theoretical limit of incremental evaluation (full-forward time x cells / sum over
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import resource
 import shlex
@@ -45,6 +45,7 @@ import time
 
 import numpy as np
 import torch
+from bench_io import emit
 from scipy import stats
 
 import prunescope as ps
@@ -146,8 +147,10 @@ def run(spec: dict, args: argparse.Namespace, command: str) -> list[dict]:
         "naive": lambda: naive(model, evaluator, targets, levels, args.naive_every),
         "exact": lambda: ps.scan(model, evaluator, targets, levels),
     }
-    for tolerance in spec["tolerance"]:
-        methods[f"adaptive {tolerance}"] = lambda t=tolerance: ps.scan(model, evaluator, targets, levels, mode="adaptive", tolerance=t)
+    adaptive_runs = [(t, m) for m in args.min_batches for t in spec["tolerance"]]
+    for tolerance, least in adaptive_runs:
+        methods[f"adaptive {tolerance} {least}"] = lambda t=tolerance, m=least: ps.scan(
+            model, evaluator, targets, levels, mode="adaptive", tolerance=t, min_batches=m)
     times: dict[str, list[float]] = {m: [] for m in methods}
     results: dict[str, object] = {}
     order = list(methods)
@@ -178,8 +181,8 @@ def run(spec: dict, args: argparse.Namespace, command: str) -> list[dict]:
                  "share_of_limit": round(naive_s / exact_s / limit, 3), "max_rel_diff_to_naive": max_rel,
                  "incremental": exact.provenance.get("incremental")})
     batches = len(evaluator.batches)
-    for tolerance in spec["tolerance"]:
-        method = f"adaptive {tolerance}"
+    for tolerance, least in adaptive_runs:
+        method = f"adaptive {tolerance} {least}"
         adaptive = {(c.target, c.level): c for c in results[method].cells}
         rho = stats.spearmanr([exact_changes[k] for k in keys], [adaptive[k].change for k in keys]).statistic
         covered = np.mean([adaptive[k].ci_low <= exact_changes[k] <= adaptive[k].ci_high for k in keys])
@@ -187,8 +190,8 @@ def run(spec: dict, args: argparse.Namespace, command: str) -> list[dict]:
         adaptive_s = statistics.median(times[method])
         rows.append({**common, "method": "adaptive", "seconds": round(adaptive_s, 2),
                      "all_seconds": [round(t, 2) for t in times[method]], "ratio_to_naive": round(naive_s / adaptive_s, 3),
-                     "ceiling_ratio_to_naive": round(naive_s / exact_s * batches / min(2, batches), 3),
-                     "tolerance": tolerance, "spearman_vs_exact": round(float(rho), 4),
+                     "ceiling_ratio_to_naive": round(naive_s / exact_s * batches / min(least, batches), 3),
+                     "tolerance": tolerance, "min_batches": least, "spearman_vs_exact": round(float(rho), 4),
                      "coverage": round(float(covered), 4), "samples_share": round(samples_share, 4)})
     return rows
 
@@ -204,6 +207,7 @@ def main() -> None:
     parser.add_argument("--blocks-every", type=int, default=1, help="smollm2: all 7 Linears of every K-th block")
     parser.add_argument("--tolerance-kl", type=float, nargs="+", default=[0.002], help="adaptive tolerances for resnet18 (nats of KL)")
     parser.add_argument("--tolerance-ppl", type=float, nargs="+", default=[0.5], help="adaptive tolerances for smollm2 (perplexity)")
+    parser.add_argument("--min-batches", type=int, nargs="+", default=[2], help="adaptive: batches a cell sees before it may stop (one row per value and tolerance)")
     parser.add_argument("--naive-every", type=int, default=1, help="run the naive loop on every K-th cell, scale its time")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = parser.parse_args()
@@ -213,11 +217,7 @@ def main() -> None:
     cases = {"resnet18": resnet18_case, "smollm2": smollm2_case}
     for name in args.cases:
         for row in run(cases[name](args), args, command):
-            line = json.dumps(row)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a", encoding="utf-8") as handle:
-                    handle.write(line + "\n")
+            emit(row, args.out)
 
 
 if __name__ == "__main__":

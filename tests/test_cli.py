@@ -76,6 +76,7 @@ def test_scan_plan_prune_report_chain(tmp_path):
         (("scan", "--criterion", "banana"), "unknown criterion"),
         (("scan", "--shard", "2/2"), "0 <= index < count"),
         (("scan", "--shard", "first"), "--shard must be I/N"),
+        (("scan", "--mode", "adaptive", "--tolerance", "0.1", "--min-batches", "0"), "min_batches must be a whole number >= 1"),
     ],
 )
 def test_cli_bad_input_names_the_problem_and_writes_nothing(tmp_path, args, message):

@@ -150,12 +150,30 @@ def test_adaptive_stops_once_past_max_drop():
     assert all(c.samples < 64 and c.ci_low > 1e-4 for c in profile.cells)
 
 
+def test_adaptive_cells_see_at_least_min_batches():
+    model, _ = _resnet()
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    evaluator = ps.Evaluator(model, [images[i:i + 4] for i in range(0, 64, 4)], "kl")
+    targets = ps.find_targets(model, example=evaluator.batches[0])[4:8]
+    default = ps.scan(model, evaluator, targets, levels=(0.3,), mode="adaptive", tolerance=10.0)
+    assert all(c.samples == 8 for c in default.cells)  # a loose tolerance stops every cell at the two-batch minimum
+    five = ps.scan(model, evaluator, targets, levels=(0.3,), mode="adaptive", tolerance=10.0, min_batches=5)
+    assert all(c.samples == 20 for c in five.cells) and five.provenance["min_batches"] == 5
+    everything = ps.scan(model, evaluator, targets, levels=(0.3,), mode="adaptive", tolerance=10.0, min_batches=99)
+    exact = ps.scan(model, evaluator, targets, levels=(0.3,))
+    for cell in everything.cells:  # more than the list holds means all of it: the exact answer
+        assert cell.samples == 64 and cell.change == pytest.approx(exact.cell(cell.target, "0.3").change, rel=1e-9)
+
+
 def test_bad_fast_scan_arguments():
     model, evaluator = _resnet()
     with pytest.raises(ps.PrunescopeError, match="unknown scan mode 'quick'; accepted: exact, adaptive"):
         ps.scan(model, evaluator, mode="quick")
     with pytest.raises(ps.PrunescopeError, match="needs a positive tolerance"):
         ps.scan(model, evaluator, mode="adaptive")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ps.PrunescopeError, match=f"min_batches must be a whole number >= 1.*got {bad!r}"):
+            ps.scan(model, evaluator, mode="adaptive", tolerance=0.1, min_batches=bad)
 
 
 _KILL_SCRIPT = """

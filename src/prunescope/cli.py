@@ -82,6 +82,7 @@ def scan(
     seed: int = typer.Option(0),
     mode: str = typer.Option("exact", help="exact (every batch) | adaptive (stop a cell once its interval is within --tolerance)"),
     tolerance: float | None = typer.Option(None, help="adaptive: half-width of the change's interval to stop at (metric units)"),
+    min_batches: int = typer.Option(2, help="adaptive: batches a cell sees before its interval may stop it"),
     incremental: bool = typer.Option(True, help="replay recorded dense activations before each cell's target"),
     cache_mb: int = typer.Option(2048, help="incremental: MiB of recorded activations kept in memory (the rest spills to disk)"),
     workers: int | None = typer.Option(None, help="local: workers sharing this process's threads, this process and N-1 worker processes (default 1: in this process); ray: tasks at once (default: the cluster's CPUs)"),
@@ -109,7 +110,7 @@ def scan(
         console.print(f"{len(targets)} targets x {len(parsed_levels)} levels; dense {evaluator.metric.name} = {evaluator.dense.value:.5g}")
         started = time.perf_counter()
         profile = run_scan(loaded.model, evaluator, targets, parsed_levels, criterion, store, max_drop=max_drop, seed=seed,
-                           round_to=round_to, mode=mode, tolerance=tolerance, incremental=incremental,
+                           round_to=round_to, mode=mode, tolerance=tolerance, min_batches=min_batches, incremental=incremental,
                            cache_bytes=cache_mb * 1024**2, progress=True, workers=workers, executor=executor,
                            shard=parsed_shard)
         profile.provenance.update({"model_spec": model, "data_spec": data})

@@ -49,6 +49,7 @@ def scan(
     calibration: Iterable[Any] | None = None,
     mode: str = "exact",
     tolerance: float | None = None,
+    min_batches: int = 2,
     incremental: bool = True,
     cache_bytes: int = DEFAULT_MEMORY_BYTES,
     progress: bool = False,
@@ -82,8 +83,8 @@ def scan(
     replayed, so a cell runs only from its target onwards; every replay pattern is first checked
     to reproduce the full forward on batch 0, else its cells run in full (see
     :mod:`prunescope.incremental`). Results are identical to the full evaluation.
-    ``mode="adaptive"`` evaluates each cell batch by batch (at least two, in one random order seeded
-    by ``seed``) and stops once the half-width of the change's confidence interval is at most
+    ``mode="adaptive"`` evaluates each cell batch by batch (at least ``min_batches``, default 2, in one
+    random order seeded by ``seed``) and stops once the half-width of the change's confidence interval is at most
     ``tolerance`` (metric units), or once the interval lies entirely past ``max_drop``; each cell
     reports the samples it used, and its interval bounds the change exact mode would measure on
     all the batches (finite-population corrected).
@@ -113,6 +114,8 @@ def scan(
         raise PrunescopeError(f"unknown scan mode {mode!r}; accepted: {', '.join(MODES)}")
     if mode == "adaptive" and not (tolerance is not None and tolerance > 0):
         raise PrunescopeError(f"mode 'adaptive' needs a positive tolerance (half-width of the change's interval, metric units); got {tolerance}")
+    if isinstance(min_batches, bool) or not isinstance(min_batches, int) or min_batches < 1:
+        raise PrunescopeError(f"min_batches must be a whole number >= 1 (batches an adaptive cell sees before it may stop); got {min_batches!r}")
     check_execution(workers, executor)
     fingerprint_before = model_fingerprint(model)
     if targets is None:
@@ -162,13 +165,13 @@ def scan(
         "seed": seed,
         "round_to": round_to,
         **calibration_identity,
-        **({"mode": mode, "tolerance": tolerance} if mode == "adaptive" else {}),
+        **({"mode": mode, "tolerance": tolerance, "min_batches": min_batches} if mode == "adaptive" else {}),
         **({"shard": list(shard)} if shard is not None else {}),
         "prunescope": __version__,
         "torch": torch.__version__,
     }
     settings = ScanSettings(granularity, criterion, tuple(parsed_levels), tuple(level_keys), seed, round_to, max_drop,
-                            mode, tolerance, confidence, incremental, cache_bytes)
+                            mode, tolerance, confidence, incremental, cache_bytes, min_batches)
     parallel = executor == "ray" or (workers or 1) > 1
     payload = None
     if parallel:  # pickled before the store is opened: an unpicklable model writes nothing
@@ -180,6 +183,7 @@ def scan(
                     "confidence": confidence, **({"round_to": round_to} if round_to else {}),
                     **calibration_identity,
                     **({"mode": mode, "tolerance": tolerance} if mode == "adaptive" else {}),
+                    **({"min_batches": min_batches} if mode == "adaptive" and min_batches != 2 else {}),
                     **({"head_mode": head_mode_of(targets)} if granularity == "head" else {}),
                     **({"shard": list(shard)} if shard is not None else {})}
         cell_store = CellStore(store, identity)
@@ -279,6 +283,7 @@ class ScanSettings:
     confidence: float
     incremental: bool
     cache_bytes: int
+    min_batches: int = 2
 
 
 class TargetRunner:
@@ -303,7 +308,7 @@ class TargetRunner:
         if settings.incremental:
             self.replay = _Replay(model, evaluator, targets, settings.granularity, settings.cache_bytes, eager=eager)
         self.measure = _Measure(evaluator, self.replay, settings.mode, settings.tolerance, settings.confidence,
-                                settings.max_drop, settings.seed)
+                                settings.max_drop, settings.seed, settings.min_batches)
 
     def cells(self, target: Target, known: Mapping[str, Cell]) -> Iterator[tuple[Cell, bool]]:
         """Yield (cell, measured now) for each level in order, taking ``known`` cells (by level key) as they
@@ -469,8 +474,9 @@ class _Measure:
     """
 
     def __init__(self, evaluator: Evaluator, replay: _Replay | None, mode: str, tolerance: float | None,
-                 confidence: float, max_drop: float | None, seed: int = 0) -> None:
+                 confidence: float, max_drop: float | None, seed: int = 0, min_batches: int = 2) -> None:
         self.evaluator, self.replay, self.mode = evaluator, replay, mode
+        self.min_batches = min(min_batches, len(evaluator.batches))
         self.tolerance, self.confidence, self.max_drop = tolerance, confidence, max_drop
         self.order = [int(i) for i in np.random.default_rng(seed).permutation(len(evaluator.batches))]
 
@@ -509,7 +515,7 @@ class _Measure:
         for index in self.order:
             done.append(index)
             values.append(evaluator.evaluate(model, batch_indices=[index], on_batch=on_batch).values)
-            if len(done) < 2 and len(evaluator.batches) > 1:
+            if len(done) < self.min_batches:
                 continue
             dense_values, dense_weights = evaluator.dense_on(done)
             change = paired_change(dense_values, np.concatenate(values), dense_weights, log_scale, self.confidence,

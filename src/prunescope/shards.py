@@ -20,7 +20,7 @@ PROFILE_IDENTITY = ("kind", "metric", "higher_is_better", "criterion", "granular
 """Profile fields every shard must share."""
 
 PROVENANCE_IDENTITY = ("model_sha256", "data_sha256", "samples", "batches", "seed", "round_to", "calibration", "mode",
-                       "tolerance")
+                       "tolerance", "min_batches")
 """Provenance entries every shard must share."""
 
 
