@@ -33,11 +33,12 @@ import shlex
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_io import emit
+from bench_io import emit, log
 from scipy.special import stdtrit
 from scipy.stats import spearmanr
 
@@ -47,10 +48,6 @@ from prunescope.scan import _Replay
 from prunescope.targets import weight_of
 
 LEVELS = (0.3, 0.5, 0.7)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def token_nll(model: torch.nn.Module, batch: dict) -> np.ndarray:
@@ -73,7 +70,7 @@ def measure(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         dense = np.concatenate([token_nll(model, b) for b in batches])
     replay = _Replay(model, evaluator, targets, "weight", 2 * 1024**3)
-    cells, deltas, seconds, naive_seconds = [], [], [], []
+    deltas, seconds, naive_seconds = [], [], []
     for index, (target, level) in enumerate(itertools.product(targets, LEVELS)):
         weight = weight_of(model, target)
         mask = keep_mask(weight, level, "magnitude", target.input_dim, seed=0, key=target.name)
@@ -84,11 +81,10 @@ def measure(args: argparse.Namespace) -> dict:
             weight.mul_(mask)
             rows = []
             for i, batch in enumerate(batches):
-                with on_batch(i) if on_batch else torch.no_grad():
+                with on_batch(i) if on_batch else nullcontext():
                     rows.append(token_nll(model, batch))
             weight.copy_(original)
         seconds.append(time.perf_counter() - started)
-        cells.append((target.name, level))
         deltas.append(np.concatenate(rows) - dense)
         if index % args.naive_every == 0:
             started = time.perf_counter()
@@ -102,7 +98,7 @@ def measure(args: argparse.Namespace) -> dict:
         log(f"{target.name} @ {level}: {deltas[-1].mean():+.5f} nats, {seconds[-1]:.1f} s")
     replay.close()
     return {"dense": dense, "deltas": np.stack(deltas), "seconds": np.array(seconds),
-            "naive_cell_seconds": statistics.median(naive_seconds), "naive_cells": len(naive_seconds), "cells": cells}
+            "naive_cell_seconds": statistics.median(naive_seconds), "naive_cells": len(naive_seconds)}
 
 
 def simulate(data: dict, chunk: int, least: int, tolerance: float, relative: float, order: np.ndarray,
@@ -157,7 +153,7 @@ def rows(data: dict, args: argparse.Namespace, command: str) -> list[dict]:
         rhos = [float(spearmanr(exact, est).statistic) for _, est, _, exact in results]
         coverage = [float(cov.mean()) for _, _, cov, _ in results]
         out.append({**common, "rule": "adaptive", "chunk_tokens": chunk, "min_samples": least, "tolerance": tolerance,
-                    "relative": relative,                    "ratio_to_naive": round(statistics.mean(ratios), 2), "ratio_min": round(min(ratios), 2),
+                    "relative": relative, "ratio_to_naive": round(statistics.mean(ratios), 2), "ratio_min": round(min(ratios), 2),
                     "spearman": round(statistics.mean(rhos), 4), "spearman_min": round(min(rhos), 4),
                     "coverage": round(statistics.mean(coverage), 4), "coverage_min": round(min(coverage), 4),
                     "tokens_share": round(float(np.mean([s.mean() for s, *_ in results])), 4)})

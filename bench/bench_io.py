@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (stdout carries only the JSON lines)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def emit(row: dict, out: str | None = None) -> None:

@@ -45,7 +45,7 @@ import time
 
 import numpy as np
 import torch
-from bench_io import emit
+from bench_io import emit, log
 from scipy import stats
 
 import prunescope as ps
@@ -54,10 +54,6 @@ from prunescope.levels import level_key, parse_levels
 from prunescope.masks import keep_mask
 from prunescope.scan import _Replay
 from prunescope.targets import weight_of
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def resnet18_case(args: argparse.Namespace) -> dict:
