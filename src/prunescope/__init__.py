@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .allocate import allocate  # noqa: E402
-from .apply import apply, load_masked, make_permanent, masks_of, sparsity_of  # noqa: E402
+from .apply import apply  # noqa: E402
 from .errors import PrunescopeError  # noqa: E402
 from .estimate import agreement, estimate  # noqa: E402
 from .evaluator import Evaluation, Evaluator, evaluate  # noqa: E402
@@ -17,6 +17,7 @@ from .profile import Cell, Profile  # noqa: E402
 from .scan import scan  # noqa: E402
 from .shards import merge_profiles  # noqa: E402
 from .targets import Target, default_excludes, find_targets  # noqa: E402
+from .weight_masks import load_masked, make_permanent, masks_of, sparsity_of  # noqa: E402
 
 __all__ = [
     "Budget", "Cell", "Evaluation", "Evaluator", "Metric", "NMPattern", "Plan", "Profile", "PrunescopeError",

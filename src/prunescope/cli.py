@@ -268,10 +268,11 @@ def prune(
     """
     from safetensors.torch import save_model
 
-    from .apply import apply, make_permanent
+    from .apply import apply
     from .atomic import write_text_atomic
     from .plan import Plan
     from .structured import nonzero_parameters
+    from .weight_masks import make_permanent
 
     try:
         if level is not None:

@@ -237,7 +237,7 @@ def _prune_layer(module, name, level, criterion, stats, block_size, damp, mask) 
     result = prune_rows(weight_rows(module), level, criterion, stats, block_size=block_size, damp=damp, name=name)
     write_rows(module, result.weight)
     if mask:
-        from ..apply import WeightMask
+        from ..weight_masks import WeightMask
 
         keep = result.keep.t().contiguous() if is_conv1d(module) else result.keep
         parametrize.register_parametrization(module, "weight", WeightMask(keep))
