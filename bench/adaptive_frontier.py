@@ -43,9 +43,9 @@ from scipy.special import stdtrit
 from scipy.stats import spearmanr
 
 import prunescope as ps
+from prunescope.cell_measure import Replay
 from prunescope.masks import keep_mask
-from prunescope.scan import _Replay
-from prunescope.targets import weight_of
+from prunescope.target import weight_of
 
 LEVELS = (0.3, 0.5, 0.7)
 
@@ -69,7 +69,7 @@ def measure(args: argparse.Namespace) -> dict:
     targets = ps.find_targets(model, include=[f"model.layers.{b}.*" for b in args.blocks])
     with torch.no_grad():
         dense = np.concatenate([token_nll(model, b) for b in batches])
-    replay = _Replay(model, evaluator, targets, "weight", 2 * 1024**3)
+    replay = Replay(model, evaluator, targets, "weight", 2 * 1024**3)
     deltas, seconds, naive_seconds = [], [], []
     for index, (target, level) in enumerate(itertools.product(targets, LEVELS)):
         weight = weight_of(model, target)

@@ -96,7 +96,8 @@ def child(method: str, level: str, args: argparse.Namespace) -> dict:
         before = rss_mib()
         with PeakSampler() as sampler:
             started = time.perf_counter()
-            model, report = ps.prune_oneshot(model, calibration, method, level, inplace=True)
+            model = ps.prune_oneshot(model, calibration, criterion=method, level=level, inplace=True)
+            report = model.prunescope_report
             prune_seconds = time.perf_counter() - started
         weights = [model.get_submodule(layer.name).weight for layer in report.layers]
         zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)

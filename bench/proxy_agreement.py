@@ -114,13 +114,13 @@ def run_case(case: Case, args: argparse.Namespace, command: str) -> list[dict]:
     dense = evaluator.dense.value
     dense_s = time.perf_counter() - started
     store = Path(args.store_dir) / f"{case.name}.jsonl" if args.store_dir else None
-    measured = ps.scan(case.model, evaluator, case.targets, case.levels, case.criterion, store=store, progress=args.progress)
+    measured = ps.scan(case.model, evaluator, case.targets, levels=case.levels, criterion=case.criterion, store=store, progress=args.progress)
     scan_s = dense_s + sum(c.seconds for c in measured.cells)
     log(f"{case.name}: {case.criterion} scan of {len(measured.cells)} cells, {scan_s:.1f}s (dense {case.metric} {dense:.5g})")
     rows = []
     for method in case.methods or METHODS[case.granularity]:
         started = time.perf_counter()
-        profile = ps.estimate(case.model, ps.Evaluator(case.model, case.batches, case.metric), case.targets, method, case.levels)
+        profile = ps.estimate(case.model, ps.Evaluator(case.model, case.batches, case.metric), case.targets, score=method, levels=case.levels)
         estimate_s = time.perf_counter() - started
         result = ps.agreement(profile, measured)
         row = {

@@ -50,10 +50,10 @@ from scipy import stats
 
 import prunescope as ps
 from prunescope.batches import run_model
+from prunescope.cell_measure import Replay
 from prunescope.levels import level_key, parse_levels
 from prunescope.masks import keep_mask
-from prunescope.scan import _Replay
-from prunescope.targets import weight_of
+from prunescope.target import weight_of
 
 
 def resnet18_case(args: argparse.Namespace) -> dict:
@@ -126,7 +126,7 @@ def unit_seconds(model, evaluator, units: dict, repeats: int = 2) -> tuple[float
 def theoretical_limit(spec: dict) -> float:
     """Full-forward cost x cells / sum over cells of the forward time a replaying cell still spends."""
     model, evaluator, targets = spec["model"], spec["evaluator"], spec["targets"]
-    replay = _Replay(model, evaluator, targets, "weight", 2 * 1024**3)
+    replay = Replay(model, evaluator, targets, "weight", 2 * 1024**3)
     full, seconds = unit_seconds(model, evaluator, replay.cache.units)
     replay.close()
     remaining = [full - sum(seconds[u] for u in replay.skips[t.name]) for t in targets]
@@ -141,12 +141,12 @@ def run(spec: dict, args: argparse.Namespace, command: str) -> list[dict]:
     log(f"{spec['case']}: {cells} cells; theoretical limit of incremental evaluation {limit:.2f}x")
     methods = {
         "naive": lambda: naive(model, evaluator, targets, levels, args.naive_every),
-        "exact": lambda: ps.scan(model, evaluator, targets, levels),
+        "exact": lambda: ps.scan(model, evaluator, targets, levels=levels),
     }
     adaptive_runs = [(t, m) for m in args.min_batches for t in spec["tolerance"]]
     for tolerance, least in adaptive_runs:
         methods[f"adaptive {tolerance} {least}"] = lambda t=tolerance, m=least: ps.scan(
-            model, evaluator, targets, levels, mode="adaptive", tolerance=t, min_batches=m)
+            model, evaluator, targets, levels=levels, mode="adaptive", tolerance=t, min_batches=m)
     times: dict[str, list[float]] = {m: [] for m in methods}
     results: dict[str, object] = {}
     order = list(methods)

@@ -74,7 +74,7 @@ def main() -> None:
         order = [1, args.workers] if repeat % 2 == 0 else [args.workers, 1]
         for workers in order:
             started = time.perf_counter()
-            profiles[workers] = ps.scan(model, evaluator, targets, levels, workers=workers)
+            profiles[workers] = ps.scan(model, evaluator, targets, levels=levels, workers=workers)
             times[workers].append(round(time.perf_counter() - started, 3))
             log(f"repeat {repeat} workers={workers}: {times[workers][-1]:.1f}s")
     serial, parallel = statistics.median(times[1]), statistics.median(times[args.workers])

@@ -71,9 +71,9 @@ def run(spec: str, granularity: str, args: argparse.Namespace) -> list[dict]:
     dense_value = held_out.dense.value
     rows = []
     for method in methods:
-        plan = ps.allocate(profile, budget, method)
-        shrunk = ps.apply(model, plan, "shrink")
-        masked = ps.apply(model, plan, "mask")
+        plan = ps.allocate(profile, budget, method=method)
+        shrunk = ps.apply(model, plan, shrink=True)
+        masked = ps.apply(model, plan, shrink=False)
         reference = outputs(masked, eval_batches[0])
         difference = float((reference - outputs(shrunk, eval_batches[0])).abs().max() / reference.abs().max())
         cost = CostModel.of(shrunk, eval_batches[0])

@@ -51,9 +51,9 @@ def main() -> None:
     from torchvision.models import resnet18
 
     import prunescope as ps
+    from prunescope.cell_runner import ScanSettings
     from prunescope.execution.payload import WorkerContext, pack
     from prunescope.levels import DEFAULT_LEVELS, level_key, parse_levels
-    from prunescope.scan import ScanSettings
 
     torch.manual_seed(0)
     model = resnet18(weights=None).eval()

@@ -22,7 +22,7 @@ def _realised_sparsity(model, plan: ps.Plan) -> float:
 @pytest.mark.parametrize("method", ["threshold", "uniform", "global_magnitude"])
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_plans_meet_the_budget(digits_model, digits_profile, method, budget):
-    plan = ps.allocate(digits_profile, budget, method, model=digits_model)
+    plan = ps.allocate(digits_profile, budget, method=method, model=digits_model)
     assert plan.method == method and plan.budget == ps.Budget(budget)
     assert set(plan.levels) == {t.name for t in digits_profile.targets}
     assert abs(plan.sparsity - budget) <= 0.005
@@ -30,7 +30,7 @@ def test_plans_meet_the_budget(digits_model, digits_profile, method, budget):
 
 
 def test_threshold_plan_is_not_uniform_and_is_monotone_in_budget(digits_profile):
-    plans = [ps.allocate(digits_profile, b, "threshold") for b in BUDGETS]
+    plans = [ps.allocate(digits_profile, b, method="threshold") for b in BUDGETS]
     for low, high in pairwise(plans):
         for name in low.levels:  # one shared threshold: more budget never prunes a target less
             assert high.levels[name] >= low.levels[name] - 1e-9
@@ -41,7 +41,7 @@ def test_threshold_plan_is_not_uniform_and_is_monotone_in_budget(digits_profile)
 
 
 def test_threshold_prunes_the_least_sensitive_target_most(digits_profile):
-    plan = ps.allocate(digits_profile, 0.5, "threshold")
+    plan = ps.allocate(digits_profile, 0.5, method="threshold")
     # the sensitivity at 50% of each target; the least sensitive must get at least the most sensitive's level
     at_half = {c.target: digits_profile.drop(c) for c in digits_profile.cells if c.level == "0.5"}
     least, most = min(at_half, key=at_half.get), max(at_half, key=at_half.get)
@@ -54,7 +54,7 @@ def test_threshold_plan_beats_uniform_on_trained_digits(digits_model, digits_pro
     dense = evaluator.dense.value
     accuracy = {}
     for method in ("uniform", "threshold"):
-        plan = ps.allocate(digits_profile, 0.8, method)
+        plan = ps.allocate(digits_profile, 0.8, method=method)
         accuracy[method] = evaluator.evaluate(ps.apply(digits_model, plan)).value
     assert dense > 0.95
     assert accuracy["threshold"] >= accuracy["uniform"]
@@ -68,17 +68,17 @@ def test_unreachable_budget_is_refused(digits_profile):
         levels=[lv for lv in digits_profile.levels if float(lv) <= 0.5],
     )
     with pytest.raises(ps.PrunescopeError, match="budget unreachable") as info:
-        ps.allocate(low_levels, 0.8, "threshold")
+        ps.allocate(low_levels, 0.8, method="threshold")
     assert "0.5" in str(info.value)
     # a budget inside the scanned range still works
-    assert abs(ps.allocate(low_levels, 0.45, "threshold").sparsity - 0.45) <= 0.005
+    assert abs(ps.allocate(low_levels, 0.45, method="threshold").sparsity - 0.45) <= 0.005
 
 
 def test_allocate_rejects_bad_arguments(digits_profile):
     with pytest.raises(ps.PrunescopeError, match="unknown allocation method"):
-        ps.allocate(digits_profile, 0.5, "magic")
+        ps.allocate(digits_profile, 0.5, method="magic")
     with pytest.raises(ps.PrunescopeError, match="needs the model"):
-        ps.allocate(digits_profile, 0.5, "global_magnitude")
+        ps.allocate(digits_profile, 0.5, method="global_magnitude")
     for budget in (0, 1, 1.5, -0.2):
         with pytest.raises(ps.PrunescopeError, match="budget sparsity"):
-            ps.allocate(digits_profile, budget, "uniform")
+            ps.allocate(digits_profile, budget, method="uniform")

@@ -1,4 +1,4 @@
-"""apply(mode="mask"): a masked copy whose masks live in the state_dict, save, reload and bake in."""
+"""apply (masks): a masked copy whose masks live in the state_dict, save, reload and bake in."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ MASK_SUFFIX = ".parametrizations.weight.0.mask"
 
 @pytest.fixture
 def plan(digits_profile):
-    return ps.allocate(digits_profile, 0.7, "threshold")
+    return ps.allocate(digits_profile, 0.7, method="threshold")
 
 
 @pytest.fixture
@@ -115,9 +115,9 @@ def test_apply_prunes_what_scan_measured(digits_model, digits_val, criterion):
     targets = ps.find_targets(digits_model, include=["features.3", "classifier.1"])
     profile = ps.scan(digits_model, evaluator, targets, levels=[0.6, "2:4"], criterion=criterion, seed=5)
     for cell in profile.cells:
-        plan = ps.Plan({cell.target: cell.level}, {cell.target: profile.target(cell.target).params}, criterion=criterion)
+        plan = ps.Plan({cell.target: cell.level}, {cell.target: profile.target(cell.target).params}, criterion=criterion, seed=5)
         # equal up to float rounding (the cell's value is dense mean + mean paired difference)
-        assert evaluator.evaluate(ps.apply(digits_model, plan, seed=5)).value == pytest.approx(cell.value, rel=1e-12)
+        assert evaluator.evaluate(ps.apply(digits_model, plan)).value == pytest.approx(cell.value, rel=1e-12)
 
 
 def test_apply_refuses_bad_plans(digits_model, plan):
@@ -126,9 +126,40 @@ def test_apply_refuses_bad_plans(digits_model, plan):
         ps.apply(masked, plan, inplace=True)
     with pytest.raises(ps.PrunescopeError, match="does not have: nope"):
         ps.apply(digits_model, ps.Plan({"nope": 0.5}, {"nope": 3}))
-    with pytest.raises(ps.PrunescopeError, match="unknown apply mode"):
-        ps.apply(digits_model, plan, mode="banana")
-    with pytest.raises(ps.PrunescopeError, match="weight plan applies as mode 'mask'"):
-        ps.apply(digits_model, plan, mode="shrink")
+    with pytest.raises(ps.PrunescopeError, match="shrink must be True"):
+        ps.apply(digits_model, plan, shrink="banana")
+    with pytest.raises(ps.PrunescopeError, match="a weight plan applies as masks"):
+        ps.apply(digits_model, plan, shrink=True)
+    with pytest.raises(TypeError):
+        ps.apply(digits_model, plan, "shrink")  # keyword-only: a positional mode is not silently taken
     with pytest.raises(ps.PrunescopeError, match="does not have"):
         ps.load_masked(torch.nn.Sequential(torch.nn.Linear(2, 2)), masked.state_dict())
+
+
+def test_a_plan_from_a_seeded_random_scan_applies_the_scanned_masks(digits_model, digits_val, tmp_path):
+    """Regression: a plan allocated from a scan with criterion random, seed 7 was applied with seed 0."""
+    evaluator = ps.Evaluator(digits_model, digits_val[:1], "loss")
+    targets = ps.find_targets(digits_model, include=["features.3", "classifier.1"])
+    profile = ps.scan(digits_model, evaluator, targets, levels=[0.5], criterion="random", seed=7)
+    plan = ps.allocate(profile, ps.Budget(sparsity=0.5), method="uniform")
+    plan = ps.Plan.load(plan.save(tmp_path / "plan.json"))  # the settings survive the file
+    assert (plan.criterion, plan.seed) == ("random", 7)
+    for cell in profile.cells:
+        one = ps.Plan({cell.target: plan.levels[cell.target]}, plan.params, criterion=plan.criterion, seed=plan.seed)
+        assert evaluator.evaluate(ps.apply(digits_model, one)).value == pytest.approx(cell.value, rel=1e-12)
+    seed_zero = ps.Plan(plan.levels, plan.params, criterion="random", seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(ps.masks_of(ps.apply(digits_model, plan)).values(),
+                                                     ps.masks_of(ps.apply(digits_model, seed_zero)).values(), strict=True))
+
+
+def test_a_structured_plan_carries_the_scans_seed_and_rounding(digits_model, digits_val):
+    evaluator = ps.Evaluator(digits_model, digits_val[:1], "accuracy")
+    example = digits_val[0]
+    targets = ps.find_targets(digits_model, "channel", example=example)
+    profile = ps.scan(digits_model, evaluator, targets, levels=[0.5], criterion="random", seed=3, round_to=2)
+    plan = ps.allocate(profile, ps.Budget(sparsity=0.5), method="uniform")
+    assert (plan.seed, plan.round_to) == (3, 2)
+    for cell in profile.cells:
+        one = ps.Plan({cell.target: 0.5}, plan.params, criterion="random", granularity="channel", seed=3, round_to=2,
+                      details=plan.details)
+        assert evaluator.evaluate(ps.apply(digits_model, one)).value == pytest.approx(cell.value, abs=1e-12)

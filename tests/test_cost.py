@@ -20,7 +20,7 @@ def test_channel_plan_meets_a_params_or_flops_budget_on_the_shrunk_model(digits_
     evaluator, profile = channel_profile
     plan = ps.allocate(profile, budget)
     example = digits_val[0][0]
-    shrunk = ps.apply(digits_model, plan, "shrink", example=example)
+    shrunk = ps.apply(digits_model, plan, shrink=True, example=example)
     measured = CostModel.of(shrunk, example)
     dense = CostModel.of(digits_model, example)
     removed = 1 - (parameter_count(shrunk) / dense.params if budget.kind == "params" else measured.total_flops / dense.total_flops)
@@ -32,8 +32,8 @@ def test_channel_plan_meets_a_params_or_flops_budget_on_the_shrunk_model(digits_
 def test_coupled_groups_are_counted_once(channel_profile):
     """A 'sparsity' of channel-group parameters double-counts shared convs; a params budget does not."""
     _, profile = channel_profile
-    by_sparsity = ps.allocate(profile, ps.Budget(sparsity=0.5), "uniform")
-    by_params = ps.allocate(profile, ps.Budget(params=0.5), "uniform")
+    by_sparsity = ps.allocate(profile, ps.Budget(sparsity=0.5), method="uniform")
+    by_params = ps.allocate(profile, ps.Budget(params=0.5), method="uniform")
     assert by_sparsity.details["params_after"] < 0.4 * by_sparsity.details["params_dense"]
     assert by_params.details["params_after"] == pytest.approx(0.5 * by_params.details["params_dense"], rel=1e-6)
     assert next(iter(by_params.levels.values())) < next(iter(by_sparsity.levels.values()))
@@ -54,7 +54,7 @@ def test_transformer_flops_budget(granularity):
     evaluator = ps.Evaluator(model, token_batches(), "perplexity")
     profile = ps.scan(model, evaluator, ps.find_targets(model, granularity), levels=(0.25, 0.5, 0.75))
     plan = ps.allocate(profile, ps.Budget(flops=0.3))
-    shrunk = ps.apply(model, plan, "shrink")
+    shrunk = ps.apply(model, plan, shrink=True)
     measured = CostModel.of(shrunk, evaluator.batches[0]).total_flops
     assert plan.details["flops_after"] == pytest.approx(measured, rel=0.01)
     assert 1 - measured / plan.details["flops_dense"] >= 0.3 - 0.02

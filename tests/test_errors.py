@@ -163,7 +163,7 @@ def test_empty_target_list(small_cnn, tmp_path):
 def test_budget_no_plan_can_meet(small_cnn, tmp_path):
     model, batches = small_cnn
     profile = ps.scan(model, ps.Evaluator(model, batches, "loss"), levels=[0.2, 0.5])
-    message = assert_refused(lambda: ps.allocate(profile, 0.8, "threshold"), "budget unreachable", tmp_path)
+    message = assert_refused(lambda: ps.allocate(profile, 0.8, method="threshold"), "budget unreachable", tmp_path)
     assert "80.0%" in message and "0.5" in message
 
 
@@ -173,7 +173,7 @@ def test_global_magnitude_that_would_remove_a_whole_layer(tmp_path):
     with torch.no_grad():
         model[0].weight.mul_(1e-4)  # every weight of layer 0 is below any global threshold
     profile = ps.scan(model, ps.Evaluator(model, [torch.randn(4, 8)], "kl"), levels=[0.5])
-    message = assert_refused(lambda: ps.allocate(profile, 0.5, "global_magnitude", model=model),
+    message = assert_refused(lambda: ps.allocate(profile, 0.5, method="global_magnitude", model=model),
                              "would remove every weight", tmp_path)
     assert "every weight of 0;" in message  # names the layer (Sequential index 0)
 

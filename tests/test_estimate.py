@@ -51,7 +51,7 @@ def nll_change(profile, cell) -> float:
 def test_taylor_is_the_directional_derivative_of_the_loss():
     model, data = mlp_and_batches()
     target = ps.find_targets(model, include="0")[0]
-    profile = ps.estimate(model, ps.Evaluator(model, data, "loss"), [target], "taylor", [0.5])
+    profile = ps.estimate(model, ps.Evaluator(model, data, "loss"), [target], score="taylor", levels=[0.5])
     weight = model[0].weight
     removed = removed_of(weight, key="0")
     step = 1e-3
@@ -71,7 +71,7 @@ def test_taylor_for_neurons_is_the_derivative_of_scaling_their_columns():
     model = tiny_llama()
     batches = token_batches()
     target = ps.find_targets(model, "neuron")[0]
-    profile = ps.estimate(model, ps.Evaluator(model, batches, "perplexity"), [target], "taylor", [0.5])
+    profile = ps.estimate(model, ps.Evaluator(model, batches, "perplexity"), [target], score="taylor", levels=[0.5])
     remove = units_removed(model, target, 0.5, "magnitude")
     reference = copy.deepcopy(model).double()  # the derivative in float64: the change is ~1e-4 nats
     step = 1e-3
@@ -93,7 +93,7 @@ def test_taylor_for_neurons_is_the_derivative_of_scaling_their_columns():
 def test_snip_sums_abs_g_w_of_the_full_data_gradient():
     model, data = mlp_and_batches()
     target = ps.find_targets(model, include="2", exclude=[])[0]
-    profile = ps.estimate(model, ps.Evaluator(model, data, "loss"), [target], "snip", [0.3, 0.7])
+    profile = ps.estimate(model, ps.Evaluator(model, data, "loss"), [target], score="snip", levels=[0.3, 0.7])
     x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
     (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), [model[2].weight])
     for cell, level in zip(profile.cells, (0.3, 0.7), strict=True):
@@ -105,7 +105,7 @@ def test_snip_sums_abs_g_w_of_the_full_data_gradient():
 def test_fisher_is_half_the_per_sample_fisher_times_w_squared():
     model, data = mlp_and_batches()
     target = ps.find_targets(model, include="0")[0]
-    profile = ps.estimate(model, ps.Evaluator(model, data, "loss"), [target], "fisher", [0.5])
+    profile = ps.estimate(model, ps.Evaluator(model, data, "loss"), [target], score="fisher", levels=[0.5])
     weight = model[0].weight
     squares = torch.zeros_like(weight)
     samples = [(x[i : i + 1], y[i : i + 1]) for x, y in data for i in range(len(y))]
@@ -121,7 +121,7 @@ def test_fisher_on_sequences_squares_the_summed_token_nll_gradient():
     model = tiny_llama()
     batches = token_batches(count=1, batch=3)
     target = ps.find_targets(model, include="model.layers.1.self_attn.v_proj")[0]
-    profile = ps.estimate(model, ps.Evaluator(model, batches, "perplexity"), [target], "fisher", [0.5])
+    profile = ps.estimate(model, ps.Evaluator(model, batches, "perplexity"), [target], score="fisher", levels=[0.5])
     weight = model.get_submodule(target.name).weight
     squares, tokens = torch.zeros_like(weight), 0
     ids = batches[0]["input_ids"]
@@ -142,7 +142,7 @@ def test_kl_fisher_matches_the_closed_form_fisher_of_softmax_regression():
     x = torch.randn(1200, 4, generator=torch.Generator().manual_seed(3))
     batches = [x[i : i + 200] for i in range(0, len(x), 200)]
     target = ps.find_targets(model, exclude=[])[0]
-    profile = ps.estimate(model, batches, [target], "fisher", [0.5])
+    profile = ps.estimate(model, batches, [target], score="fisher", levels=[0.5])
     assert profile.metric == "kl" and profile.provenance["units"] == "predicted change of kl"
     with torch.no_grad():
         p = model(x).softmax(-1)
@@ -157,7 +157,7 @@ def test_head_importance_is_the_mean_abs_gradient_of_a_head_gate(head_mode):
     model = tiny_llama()
     batches = token_batches(count=1, batch=3)
     target = ps.find_targets(model, "head", head_mode=head_mode)[1]
-    profile = ps.estimate(model, ps.Evaluator(model, batches, "perplexity"), [target], "head_importance", [0.5])
+    profile = ps.estimate(model, ps.Evaluator(model, batches, "perplexity"), [target], score="head_importance", levels=[0.5])
     attention = model.model.layers[1].self_attn
     gate = torch.ones(target.group.units, requires_grad=True)
     d, per_group = attention.head_dim, attention.num_key_value_groups if hasattr(attention, "num_key_value_groups") else 2
@@ -190,7 +190,7 @@ def test_block_influence_is_one_minus_the_cosine_of_hidden_states():
     model = tiny_llama()
     batches = token_batches(count=2, batch=2)
     targets = ps.find_targets(model, "block")
-    profile = ps.estimate(model, ps.Evaluator(model, batches, "perplexity"), targets, "block_influence", [0.5])
+    profile = ps.estimate(model, ps.Evaluator(model, batches, "perplexity"), targets, score="block_influence", levels=[0.5])
     cosines = []
     with torch.no_grad():
         for batch in batches:
@@ -208,7 +208,7 @@ def test_block_influence_is_one_minus_the_cosine_of_hidden_states():
 def test_wanda_on_a_conv_sums_w2_times_shifted_input_energy(small_cnn):
     model, batches = small_cnn
     target = ps.find_targets(model, include="features.3", example=batches[0])[0]
-    profile = ps.estimate(model, ps.Evaluator(model, batches, "loss"), [target], "wanda", [0.5])
+    profile = ps.estimate(model, ps.Evaluator(model, batches, "loss"), [target], score="wanda", levels=[0.5])
     conv = model.features[3]
     inputs = []
     handle = conv.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
@@ -233,7 +233,7 @@ def test_obs_error_is_the_output_error_sparsegpt_leaves():
 
     model, data = mlp_and_batches()
     target = ps.find_targets(model, include="2", exclude=[])[0]
-    profile = ps.estimate(model, ps.Evaluator(model, data, "loss"), [target], "obs", [0.5], damp=0.0)
+    profile = ps.estimate(model, ps.Evaluator(model, data, "loss"), [target], score="obs", levels=[0.5], damp=0.0)
     with torch.no_grad():
         x = torch.tanh(model[0](torch.cat([b[0] for b in data]))).double()
         pruned = sparsegpt_prune(model[2].weight.double(), x.t() @ x, 0.5, damp=0.0).weight
@@ -258,7 +258,7 @@ def test_activation_and_apoz_of_channels_are_shares_of_the_consumer_inputs(small
     x = torch.cat(inputs).double().transpose(0, 1).reshape(4, -1)
     remove = units_removed(model, target, 0.5, "magnitude")
     for method, per_channel in (("activation", x.abs().mean(1)), ("apoz", (x != 0).double().mean(1))):
-        profile = ps.estimate(model, ps.Evaluator(model, batches, "loss"), [target], method, [0.5])
+        profile = ps.estimate(model, ps.Evaluator(model, batches, "loss"), [target], score=method, levels=[0.5])
         assert profile.cells[0].value == pytest.approx(float(per_channel[remove].sum() / per_channel.sum()), rel=1e-6)
 
 
@@ -276,9 +276,9 @@ def test_estimate_leaves_a_cnn_bit_identical(small_cnn, granularity, method):
     mixed_mode(model)  # train mode on some BatchNorms: a forward in train mode would change their statistics
     targets = ps.find_targets(model, granularity, example=batches[0])
     before = snapshot(model)
-    profile = ps.estimate(model, batches, targets, method, [0.25, 0.75])
+    profile = ps.estimate(model, batches, targets, score=method, levels=[0.25, 0.75])
     assert_unchanged(model, before)
-    assert profile.kind == "estimated" and profile.provenance["method"] == method
+    assert profile.kind == "estimated" and profile.provenance["score"] == method
     assert all(math.isfinite(c.change) and c.ci_low is None for c in profile.cells)
     assert len(profile.cells) == 2 * len(targets)
 
@@ -289,7 +289,7 @@ def test_estimate_leaves_a_transformer_bit_identical(granularity, method):
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
     targets = ps.find_targets(model, granularity)
     before = snapshot(model)
-    profile = ps.estimate(model, ps.Evaluator(model, token_batches(count=1), "perplexity"), targets, method, [0.5])
+    profile = ps.estimate(model, ps.Evaluator(model, token_batches(count=1), "perplexity"), targets, score=method, levels=[0.5])
     assert_unchanged(model, before)
     assert profile.granularity == granularity and all(math.isfinite(c.value) for c in profile.cells)
 
@@ -300,8 +300,8 @@ def test_estimate_leaves_a_transformer_bit_identical(granularity, method):
 def test_allocate_threshold_takes_an_estimated_profile(small_cnn, tmp_path):
     model, batches = small_cnn
     for metric in ("loss", "accuracy"):
-        profile = ps.estimate(model, ps.Evaluator(model, batches, metric), method="fisher", levels=[0.2, 0.5, 0.8])
-        plan = ps.allocate(profile, 0.5, "threshold")
+        profile = ps.estimate(model, ps.Evaluator(model, batches, metric), score="fisher", levels=[0.2, 0.5, 0.8])
+        plan = ps.allocate(profile, 0.5, method="threshold")
         assert plan.sparsity == pytest.approx(0.5, abs=0.005)
         # the least sensitive layer (smallest predicted drop at 0.5) is pruned at least as hard as the most sensitive
         drops = {c.target: profile.drop(c) for c in profile.cells if c.level == "0.5"}
@@ -313,7 +313,7 @@ def test_allocate_threshold_takes_an_estimated_profile(small_cnn, tmp_path):
 
 def test_magnitude_needs_no_data_and_is_the_removed_share_of_w_squared():
     model, _ = mlp_and_batches()
-    profile = ps.estimate(model, None, ps.find_targets(model, exclude=[]), "magnitude", [0.5])
+    profile = ps.estimate(model, None, ps.find_targets(model, exclude=[]), score="magnitude", levels=[0.5])
     w = model[0].weight.detach()
     expected = float(w.square()[removed_of(w, key="0")].sum() / w.square().sum())
     assert profile.cell("0", "0.5").value == pytest.approx(expected, rel=1e-6)
@@ -324,9 +324,9 @@ def test_agreement_ranks_cells_and_refuses_too_few(small_cnn):
     model, batches = small_cnn
     evaluator = ps.Evaluator(model, batches, "loss")
     measured = ps.scan(model, evaluator, levels=[0.3, 0.6, 0.9])
-    perfect = ps.Profile.from_dict({**measured.to_dict(), "kind": "estimated", "provenance": {"method": "oracle"}})
+    perfect = ps.Profile.from_dict({**measured.to_dict(), "kind": "estimated", "provenance": {"score": "oracle"}})
     result = ps.agreement(perfect, measured)
-    assert result.spearman == pytest.approx(1.0) and result.cells == 12 and result.method == "oracle"
+    assert result.spearman == pytest.approx(1.0) and result.cells == 12 and result.score == "oracle"
     reversed_cells = [ps.Cell(**{**c.to_dict(), "change": -c.change}) for c in measured.cells]
     assert ps.agreement(ps.Profile.from_dict({**perfect.to_dict(), "cells": [c.to_dict() for c in reversed_cells]}), measured).spearman == pytest.approx(-1.0)
     with pytest.raises(ps.PrunescopeError, match="at least 3"):
@@ -340,7 +340,7 @@ def test_cli_estimate_records_and_reports_the_agreement(tmp_path):
     scan_file, estimate_file = tmp_path / "scan.json", tmp_path / "estimate.json"
     result = runner.invoke(app, ["scan", "--levels", "0.5,0.9", "--metric", "loss", "--out", str(scan_file)])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["estimate", "--method", "fisher", "--levels", "0.5,0.9", "--metric", "loss", "--out", str(estimate_file),
+    result = runner.invoke(app, ["estimate", "--score", "fisher", "--levels", "0.5,0.9", "--metric", "loss", "--out", str(estimate_file),
                                  "--compare", str(scan_file)])
     assert result.exit_code == 0, result.output
     saved = json.loads(estimate_file.read_text())
@@ -348,7 +348,7 @@ def test_cli_estimate_records_and_reports_the_agreement(tmp_path):
     assert "Spearman vs measured scan" in result.output
     result = runner.invoke(app, ["report", "--profile", str(estimate_file), "--out", str(tmp_path / "report")])
     assert result.exit_code == 0 and "Spearman vs measured scan" in result.output
-    result = runner.invoke(app, ["estimate", "--method", "guess", "--out", str(tmp_path / "bad.json")])
+    result = runner.invoke(app, ["estimate", "--score", "guess", "--out", str(tmp_path / "bad.json")])
     assert result.exit_code == 2 and "accepted: magnitude" in result.output and not (tmp_path / "bad.json").exists()
 
 
@@ -364,18 +364,18 @@ def test_estimate_refuses_bad_input(small_cnn):
         with pytest.raises(ps.PrunescopeError, match=match):
             ps.estimate(*args, **kwargs)
 
-    refused("unknown estimate method 'guess'; accepted: magnitude, snip", model, batches, method="guess")
-    refused("does not apply to weight targets; for weight targets use: magnitude, snip, taylor, fisher, obs, wanda", model, batches, method="activation")
-    refused("does not apply to head targets; for head targets use: .*head_importance", llm, text, ps.find_targets(llm, "head"), "wanda")
-    refused("empty", model, [], method="fisher")
-    refused("needs calibration data", model, None, method="taylor")
-    refused("has none; use an Evaluator with metric loss, perplexity, accuracy or kl", model, ps.Evaluator(model, batches, "cosine"), method="fisher")
-    refused("first-order, and metric 'kl' has zero gradient", model, ps.Evaluator(model, batches, "kl"), method="taylor")
-    refused("unknown criterion 'l1' for weight estimates; accepted: magnitude, random", model, batches, method="fisher", criterion="l1")
-    refused("criterion 'wanda' is estimated by method 'obs'", model, batches, method="fisher", criterion="wanda")
-    refused("its criterion is 'sparsegpt'", model, batches, method="obs", criterion="magnitude")
-    refused("N:M levels apply to weights only", llm, text, ps.find_targets(llm, "neuron"), "taylor", ["2:4"])
-    refused("outside", model, batches, method="fisher", levels=[1.5])
+    refused("unknown estimate score 'guess'; accepted: magnitude, snip", model, batches, score="guess")
+    refused("does not apply to weight targets; for weight targets use: magnitude, snip, taylor, fisher, obs, wanda", model, batches, score="activation")
+    refused("does not apply to head targets; for head targets use: .*head_importance", llm, text, ps.find_targets(llm, "head"), score="wanda")
+    refused("empty", model, [], score="fisher")
+    refused("needs calibration data", model, None, score="taylor")
+    refused("has none; use an Evaluator with metric loss, perplexity, accuracy or kl", model, ps.Evaluator(model, batches, "cosine"), score="fisher")
+    refused("first-order, and metric 'kl' has zero gradient", model, ps.Evaluator(model, batches, "kl"), score="taylor")
+    refused("unknown criterion 'l1' for weight targets; accepted: magnitude, random", model, batches, score="fisher", criterion="l1")
+    refused("criterion 'wanda' is estimated by score 'obs'", model, batches, score="fisher", criterion="wanda")
+    refused("its criterion is 'sparsegpt'", model, batches, score="obs", criterion="magnitude")
+    refused("N:M levels apply to weights only", llm, text, ps.find_targets(llm, "neuron"), score="taylor", levels=["2:4"])
+    refused("outside", model, batches, score="fisher", levels=[1.5])
 
 
 def test_block_influence_of_cnn_residual_blocks_compares_channel_vectors():
@@ -385,7 +385,7 @@ def test_block_influence_of_cnn_residual_blocks_compares_channel_vectors():
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     targets = ps.find_targets(model, "block", example=images)
     before = snapshot(model)
-    profile = ps.estimate(model, [images], targets, "block_influence", [0.5])
+    profile = ps.estimate(model, [images], targets, score="block_influence", levels=[0.5])
     assert_unchanged(model, before)
     block = model.get_submodule(targets[0].name)
     seen = []

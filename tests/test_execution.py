@@ -106,11 +106,11 @@ def test_workers_give_the_serial_profile_and_resume_a_torn_store(tmp_path):
     model, evaluator, targets = _resnet()
     _hooks_from_id_zero(model)
     before = snapshot(model)
-    serial = ps.scan(model, evaluator, targets, LEVELS, store=tmp_path / "serial.jsonl")
+    serial = ps.scan(model, evaluator, targets, levels=LEVELS, store=tmp_path / "serial.jsonl")
     lines = (tmp_path / "serial.jsonl").read_text().splitlines()
     store = tmp_path / "resumed.jsonl"
     store.write_text("\n".join(lines[:6]) + "\n" + lines[6][:40])  # five cells, then a torn sixth
-    resumed = ps.scan(model, evaluator, targets, LEVELS, store=store, workers=2)
+    resumed = ps.scan(model, evaluator, targets, levels=LEVELS, store=store, workers=2)
     assert _cells(resumed) == _cells(serial)  # exact: same values, same order
     assert resumed.targets == serial.targets and resumed.dense_value == serial.dense_value
     kept = {(c["target"], c["level"]): c["seconds"] for c in _stored(tmp_path / "serial.jsonl")[:5]}
@@ -128,13 +128,13 @@ def test_a_dead_worker_is_retried_once_then_its_target_reported(tmp_path):
     once, always = targets[2].name, targets[5].name
     flags = _doomed(model, tmp_path, {once: "kill-once", always: "exit"})
     before = snapshot(model)
-    serial = ps.scan(model, evaluator, targets, LEVELS, max_drop=0.00125)  # no flags yet: nothing dies
+    serial = ps.scan(model, evaluator, targets, levels=LEVELS, max_drop=0.00125)  # no flags yet: nothing dies
     assert len(serial.cells) < len(targets) * len(LEVELS)  # max_drop stopped some targets early
     flags[once].touch()
     flags[always].touch()
     store = tmp_path / "cells.jsonl"
     with pytest.raises(ps.PrunescopeError) as failure:
-        ps.scan(model, evaluator, targets, LEVELS, store=store, max_drop=0.00125, workers=2)
+        ps.scan(model, evaluator, targets, levels=LEVELS, store=store, max_drop=0.00125, workers=2)
     message = str(failure.value)
     assert f"{always} @ 0.2, 0.5, 0.8" in message and "exit code 3" in message and "tried 2 times" in message
     assert once not in message and not flags[once].exists()  # killed once, retried on a fresh worker
@@ -143,7 +143,7 @@ def test_a_dead_worker_is_retried_once_then_its_target_reported(tmp_path):
     assert_unchanged(model, before)
 
     flags[always].unlink()
-    resumed = ps.scan(model, evaluator, targets, LEVELS, store=store, max_drop=0.00125, workers=2)
+    resumed = ps.scan(model, evaluator, targets, levels=LEVELS, store=store, max_drop=0.00125, workers=2)
     assert _cells(resumed) == _cells(serial)
     assert resumed.provenance["execution"]["targets_run"] == 1
     assert_unchanged(model, before)
@@ -152,12 +152,12 @@ def test_a_dead_worker_is_retried_once_then_its_target_reported(tmp_path):
 def test_a_target_failing_in_this_process_is_retried_in_a_worker_process(tmp_path):
     model, evaluator, targets = _resnet()
     before = snapshot(model)
-    serial = ps.scan(model, evaluator, targets, LEVELS)
+    serial = ps.scan(model, evaluator, targets, levels=LEVELS)
     flag = tmp_path / "flag"
     flag.touch()
     raised: list[int] = []
     handle = model.register_forward_pre_hook(functools.partial(_fail_in_process, str(flag), os.getpid(), raised))
-    parallel = ps.scan(model, evaluator, targets, LEVELS, workers=2, store=tmp_path / "cells.jsonl")
+    parallel = ps.scan(model, evaluator, targets, levels=LEVELS, workers=2, store=tmp_path / "cells.jsonl")
     assert raised == [1]  # this process tried its first target once, then left the rest to processes
     assert _cells(parallel) == _cells(serial)
     assert len(_stored(tmp_path / "cells.jsonl")) == len(serial.cells)
@@ -174,9 +174,9 @@ def test_workers_report_a_refused_replay_as_the_serial_scan_does():
     evaluator = ps.Evaluator(model, [torch.randn(5, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)], "kl")
     targets = ps.find_targets(model, exclude=[])
     with pytest.warns(UserWarning, match="did not reproduce the full forward pass"):
-        serial = ps.scan(model, evaluator, targets, (0.5,))
+        serial = ps.scan(model, evaluator, targets, levels=(0.5,))
     with pytest.warns(UserWarning, match="did not reproduce the full forward pass"):
-        parallel = ps.scan(model, evaluator, targets, (0.5,), workers=2)
+        parallel = ps.scan(model, evaluator, targets, levels=(0.5,), workers=2)
     assert _cells(parallel) == _cells(serial)
     assert parallel.provenance["incremental"]["refused_replays"] == serial.provenance["incremental"]["refused_replays"] == 1
 
@@ -187,14 +187,14 @@ def test_ray_tasks_give_the_serial_profile_retry_and_report(tmp_path):
     crash, broken = targets[1].name, targets[4].name
     flags = _doomed(model, tmp_path, {crash: "kill-once", broken: "raise"})
     before = snapshot(model)
-    serial = ps.scan(model, evaluator, targets, LEVELS)
+    serial = ps.scan(model, evaluator, targets, levels=LEVELS)
     flags[crash].touch()
     flags[broken].touch()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         store = tmp_path / "ray.jsonl"
         with pytest.raises(ps.PrunescopeError) as failure:
-            ps.scan(model, evaluator, targets, LEVELS, store=store, executor="ray")
+            ps.scan(model, evaluator, targets, levels=LEVELS, store=store, executor="ray")
         message = str(failure.value)
         assert f"{broken} @ 0.2, 0.5, 0.8" in message and "refuses to run pruned" in message and "tried 2 times" in message
         assert crash not in message
@@ -202,7 +202,7 @@ def test_ray_tasks_give_the_serial_profile_retry_and_report(tmp_path):
         assert {(c["target"], c["level"]) for c in _stored(store)} == \
             {(c.target, c.level) for c in serial.cells if c.target != broken}
         flags[broken].unlink()
-        resumed = ps.scan(model, evaluator, targets, LEVELS, store=store, executor="ray", workers=2)
+        resumed = ps.scan(model, evaluator, targets, levels=LEVELS, store=store, executor="ray", workers=2)
     finally:
         ray.shutdown()
     assert _cells(resumed) == _cells(serial)
@@ -213,8 +213,8 @@ def test_ray_tasks_give_the_serial_profile_retry_and_report(tmp_path):
 def test_shards_merge_into_the_single_scan(tmp_path):
     model, evaluator, targets = _resnet()
     targets = targets[:5]
-    single = ps.scan(model, evaluator, targets, LEVELS[:2], store=tmp_path / "single.jsonl")
-    shards = [ps.scan(model, evaluator, targets, LEVELS[:2], store=tmp_path / f"shard{i}.jsonl", shard=(i, 2))
+    single = ps.scan(model, evaluator, targets, levels=LEVELS[:2], store=tmp_path / "single.jsonl")
+    shards = [ps.scan(model, evaluator, targets, levels=LEVELS[:2], store=tmp_path / f"shard{i}.jsonl", shard=(i, 2))
               for i in range(2)]
     assert [t.name for t in shards[1].targets] == [targets[1].name, targets[3].name]
     shards[1].save(tmp_path / "shard1.json")
@@ -224,16 +224,28 @@ def test_shards_merge_into_the_single_scan(tmp_path):
     assert ps.merge_profiles(list(reversed(shards))).cells == merged.cells
     # a shard's store records its shard: another shard, or the whole scan, cannot resume it
     with pytest.raises(ps.PrunescopeError, match="different shard"):
-        ps.scan(model, evaluator, targets, LEVELS[:2], store=tmp_path / "shard0.jsonl", shard=(1, 2))
+        ps.scan(model, evaluator, targets, levels=LEVELS[:2], store=tmp_path / "shard0.jsonl", shard=(1, 2))
     with pytest.raises(ps.PrunescopeError, match="missing \\[1\\]"):
         ps.merge_profiles([shards[0]])
     with pytest.raises(ps.PrunescopeError, match="repeated \\[0\\]"):
         ps.merge_profiles([shards[0], shards[0]])
     with pytest.raises(ps.PrunescopeError, match="profile 0 is not a shard"):
         ps.merge_profiles([single, shards[1]])
-    other = ps.scan(model, evaluator, targets, LEVELS[:2], seed=1, criterion="random", shard=(1, 2))
+    other = ps.scan(model, evaluator, targets, levels=LEVELS[:2], seed=1, criterion="random", shard=(1, 2))
     with pytest.raises(ps.PrunescopeError, match="its criterion, seed differ"):
         ps.merge_profiles([shards[0], other])
+
+
+def test_shards_of_head_scans_with_different_head_modes_do_not_merge():
+    """Regression: the merge check compared every identity field but the head mode."""
+    from helpers import tiny_llama, token_batches
+
+    model = tiny_llama()
+    evaluator = ps.Evaluator(model, token_batches(), "kl")
+    shards = [ps.scan(model, evaluator, ps.find_targets(model, "head", head_mode=mode), levels=[0.5], shard=(i, 2))
+              for i, mode in enumerate(("kv_group", "query"))]
+    with pytest.raises(ps.PrunescopeError, match="head_mode differ"):
+        ps.merge_profiles(shards)
 
 
 class _Locked(nn.Module):
@@ -299,8 +311,8 @@ def test_cli_scan_with_workers(tmp_path):
 
 def test_the_worker_payload_carries_each_batch_once():
     """Batches sliced from one big tensor pickle only their own elements, and arrive equal."""
+    from prunescope.cell_runner import ScanSettings
     from prunescope.execution.payload import WorkerContext, pack, unpack
-    from prunescope.scan import ScanSettings
 
     model = nn.Sequential(nn.Linear(256, 4))
     data = torch.randn(64, 256)

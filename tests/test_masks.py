@@ -156,7 +156,8 @@ def test_apply_removes_the_planned_fraction_of_each_target(digits_model):
     plan = ps.Plan(levels, {t.name: t.params for t in targets})
     for criterion in ("magnitude", "random"):
         plan.criterion = criterion
-        masks = ps.masks_of(ps.apply(digits_model, plan, seed=1))
+        plan.seed = 1
+        masks = ps.masks_of(ps.apply(digits_model, plan))
         assert set(masks) == set(levels)
         for target in targets:
             removed = int((~masks[target.name]).sum())

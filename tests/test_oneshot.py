@@ -217,7 +217,8 @@ def _layer_by_layer(model, batches, criterion, level, sequential=True):
 def test_block_by_block_equals_layer_by_layer_with_hooks(criterion, level):
     model, batches = tiny_llama(), token_batches(count=3, batch=2, length=24)
     before = snapshot(model)
-    pruned, report = ps.prune_oneshot(model, batches, criterion, level)
+    pruned = ps.prune_oneshot(model, batches, criterion=criterion, level=level)
+    report = pruned.prunescope_report
     assert_unchanged(model, before)  # a copy was pruned
     reference = _layer_by_layer(model, batches, criterion, level)
     dense_calibrated = _layer_by_layer(model, batches, criterion, level, sequential=False)
@@ -237,7 +238,8 @@ def test_block_by_block_equals_layer_by_layer_with_hooks(criterion, level):
 @pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
 def test_prune_oneshot_sparsity_selection_and_report(criterion):
     model, batches = tiny_llama(), token_batches()
-    pruned, report = ps.prune_oneshot(model, batches, criterion, 0.5, include="*.mlp.*", exclude=["*.down_proj"])
+    pruned = ps.prune_oneshot(model, batches, criterion=criterion, level=0.5, include="*.mlp.*", exclude=["*.down_proj"])
+    report = pruned.prunescope_report
     names = [layer.name for layer in report.layers]
     assert names == [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj")]
     for layer in report.layers:
@@ -251,17 +253,20 @@ def test_prune_oneshot_sparsity_selection_and_report(criterion):
 def test_levels_per_layer_and_all_dense():
     model, batches = tiny_llama(), token_batches()
     levels = {"model.layers.0.mlp.up_proj": "2:4", "model.layers.1.self_attn.v_proj": 0.25, "model.layers.1.mlp.up_proj": 0}
-    pruned, report = ps.prune_oneshot(model, batches, "sparsegpt", levels)
+    pruned = ps.prune_oneshot(model, batches, criterion="sparsegpt", level=levels)
+    report = pruned.prunescope_report
     assert {layer.name: layer.level for layer in report.layers} == {"model.layers.0.mlp.up_proj": "2:4",
                                                                      "model.layers.1.self_attn.v_proj": "0.25"}
     assert torch.equal(pruned.model.layers[1].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight)
-    unchanged, report = ps.prune_oneshot(model, batches, "sparsegpt", {"model.layers.0.mlp.up_proj": 0})
+    unchanged = ps.prune_oneshot(model, batches, criterion="sparsegpt", level={"model.layers.0.mlp.up_proj": 0})
+    report = unchanged.prunescope_report
     assert report.layers == [] and all(torch.equal(a, b) for a, b in zip(unchanged.parameters(), model.parameters(), strict=True))
 
 
 def test_prune_oneshot_inplace_and_masks():
     model, batches = tiny_llama(), token_batches()
-    same, report = ps.prune_oneshot(model, batches, "sparsegpt", "2:4", inplace=True, mask=True)
+    same = ps.prune_oneshot(model, batches, criterion="sparsegpt", level="2:4", inplace=True, mask=True)
+    report = same.prunescope_report
     assert same is model
     masks = ps.masks_of(model)
     assert set(masks) == {layer.name for layer in report.layers}
@@ -278,7 +283,8 @@ def test_gpt2_conv1d_is_pruned_along_its_input_dimension():
     batches = token_batches(count=2, batch=2, length=24, vocab=64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # 96 tokens for the 128 inputs of mlp.c_proj
-        pruned, report = ps.prune_oneshot(model, batches, "sparsegpt", "2:4")
+        pruned = ps.prune_oneshot(model, batches, criterion="sparsegpt", level="2:4")
+        report = pruned.prunescope_report
     assert len(report.layers) == 8
     weight = pruned.transformer.h[1].attn.c_attn.weight  # Conv1D: [in, out]
     assert (_nm_counts((weight != 0).t(), 4) == 2).all()
@@ -290,13 +296,15 @@ def test_model_without_blocks_is_one_block():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
     batches = [torch.randn(32, 8) for _ in range(2)]
-    pruned, report = ps.prune_oneshot(model, batches, "sparsegpt", 0.5)
+    pruned = ps.prune_oneshot(model, batches, criterion="sparsegpt", level=0.5)
+    report = pruned.prunescope_report
     assert [layer.name for layer in report.layers] == ["0", "2"]  # the final classifier is left out
     x = torch.cat(batches)
     hessian = x.t().double() @ x.double()
     direct = sparsegpt_prune(model[0].weight.detach(), hessian, 0.5)
     assert torch.allclose(pruned[0].weight, direct.weight, atol=1e-5)
-    pruned, report = ps.prune_oneshot(model, batches, "wanda", 0.5, blocks=None, include="4", exclude=[])
+    pruned = ps.prune_oneshot(model, batches, criterion="wanda", level=0.5, blocks=None, include="4", exclude=[])
+    report = pruned.prunescope_report
     assert [layer.name for layer in report.layers] == ["4"]
 
 
@@ -318,7 +326,7 @@ def test_prune_oneshot_refuses_bad_input(kwargs, message):
     args = {"batches": token_batches(count=1), "criterion": "sparsegpt", "level": 0.5, **kwargs}
     model = tiny_llama()
     with pytest.raises(ps.PrunescopeError) as error:
-        ps.prune_oneshot(model, args.pop("batches"), args.pop("criterion"), args.pop("level"), **args)
+        ps.prune_oneshot(model, args.pop("batches"), criterion=args.pop("criterion"), level=args.pop("level"), **args)
     assert message in str(error.value)
 
 
@@ -341,7 +349,7 @@ def test_blocks_with_different_keyword_arguments_are_refused():
             return self.layers[1](self.layers[0](x, scale=1.0), scale=2.0)
 
     with pytest.raises(ps.PrunescopeError, match="'layers.1' gets other keyword arguments than 'layers.0' \\(scale\\)"):
-        ps.prune_oneshot(Net(), [torch.randn(8, 4)], "wanda", 0.5, blocks="layers")
+        ps.prune_oneshot(Net(), [torch.randn(8, 4)], criterion="wanda", level=0.5, blocks="layers")
 
 
 # ---- scan, apply, keep_mask ---------------------------------------------------------------------
@@ -372,11 +380,11 @@ def test_scan_with_wanda_stores_and_resumes(tmp_path):
     model, batches = tiny_llama(), token_batches()
     evaluator = ps.Evaluator(model, batches, "perplexity")
     targets = ps.find_targets(model, include="model.layers.0.*")
-    first = ps.scan(model, evaluator, targets, [0.5], criterion="wanda", store=tmp_path / "s.jsonl")
-    again = ps.scan(model, evaluator, targets, [0.5], criterion="wanda", store=tmp_path / "s.jsonl")
+    first = ps.scan(model, evaluator, targets, levels=[0.5], criterion="wanda", store=tmp_path / "s.jsonl")
+    again = ps.scan(model, evaluator, targets, levels=[0.5], criterion="wanda", store=tmp_path / "s.jsonl")
     assert [c.value for c in again.cells] == [c.value for c in first.cells]
     with pytest.raises(ps.PrunescopeError, match="store"):
-        ps.scan(model, evaluator, targets, [0.5], criterion="wanda", store=tmp_path / "s.jsonl", calibration=token_batches(seed=9))
+        ps.scan(model, evaluator, targets, levels=[0.5], criterion="wanda", store=tmp_path / "s.jsonl", calibration=token_batches(seed=9))
 
 
 def test_calibrated_criteria_are_refused_where_they_cannot_work(small_cnn):
@@ -387,7 +395,7 @@ def test_calibrated_criteria_are_refused_where_they_cannot_work(small_cnn):
     llama = tiny_llama()
     heads = ps.find_targets(llama, "head")
     with pytest.raises(ps.PrunescopeError, match="'sparsegpt' prunes elements of Linear weights; head targets take"):
-        ps.scan(llama, ps.Evaluator(llama, token_batches(), "perplexity"), heads, [0.5], criterion="sparsegpt")
+        ps.scan(llama, ps.Evaluator(llama, token_batches(), "perplexity"), heads, levels=[0.5], criterion="sparsegpt")
     with pytest.raises(ps.PrunescopeError, match="needs the statistics of each layer's inputs"):
         keep_mask(torch.randn(4, 4), 0.5, "wanda")
 
@@ -396,8 +404,8 @@ def test_apply_a_sparsegpt_plan_needs_calibration_and_masks_the_updated_weights(
     model, batches = tiny_llama(), token_batches()
     evaluator = ps.Evaluator(model, batches, "perplexity")
     targets = ps.find_targets(model, include="model.layers.*.mlp.*")
-    profile = ps.scan(model, evaluator, targets, [0.3, 0.6], criterion="sparsegpt")
-    plan = ps.allocate(profile, 0.45, "threshold")
+    profile = ps.scan(model, evaluator, targets, levels=[0.3, 0.6], criterion="sparsegpt")
+    plan = ps.allocate(profile, 0.45, method="threshold")
     assert plan.criterion == "sparsegpt"
     with pytest.raises(ps.PrunescopeError, match="pass calibration="):
         ps.apply(model, plan)
@@ -406,7 +414,7 @@ def test_apply_a_sparsegpt_plan_needs_calibration_and_masks_the_updated_weights(
     assert_unchanged(model, before)
     masks = ps.masks_of(pruned)
     assert set(masks) == {n for n, lv in plan.levels.items() if lv != 0}
-    expected, _ = ps.prune_oneshot(model, batches, "sparsegpt", plan.levels)
+    expected = ps.prune_oneshot(model, batches, criterion="sparsegpt", level=plan.levels)
     for name, mask in masks.items():
         assert torch.equal(pruned.get_submodule(name).weight, expected.get_submodule(name).weight)
         assert float((~mask).float().mean()) == pytest.approx(float(plan.levels[name]), abs=0.01)

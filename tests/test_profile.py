@@ -65,7 +65,7 @@ def test_profile_to_dataframe(digits_profile):
 
 def test_plan_json_round_trip(digits_profile, tmp_path):
     plans = [
-        ps.allocate(digits_profile, 0.6, "threshold"),
+        ps.allocate(digits_profile, 0.6, method="threshold"),
         ps.Plan({"a": 0.5, "b": "2:4", "c": 0}, {"a": 10, "b": 8, "c": 4}, criterion="random"),
     ]
     for plan in plans:
@@ -75,7 +75,7 @@ def test_plan_json_round_trip(digits_profile, tmp_path):
 
 
 def test_loading_the_wrong_file_is_refused(digits_profile, tmp_path):
-    plan_path = ps.allocate(digits_profile, 0.5, "uniform").save(tmp_path / "plan.json")
+    plan_path = ps.allocate(digits_profile, 0.5, method="uniform").save(tmp_path / "plan.json")
     with pytest.raises(ps.PrunescopeError, match="not a prunescope profile"):
         ps.Profile.load(plan_path)
     with pytest.raises(ps.PrunescopeError, match="not a prunescope plan"):

@@ -68,7 +68,7 @@ def test_scan_plan_shrink_save_load_resnet(tmp_path):
     plan = ps.allocate(profile, ps.Budget(params=0.05))
     removed = [name for name, level in plan.levels.items() if level == 1.0]
     assert removed
-    masked, shrunk = ps.apply(model, plan, "mask"), ps.apply(model, plan, "shrink")
+    masked, shrunk = ps.apply(model, plan, shrink=False), ps.apply(model, plan, shrink=True)
     assert_unchanged(model, before)
     with torch.no_grad():
         dense, a, b = model(images), masked(images), shrunk(images)

@@ -32,7 +32,7 @@ def test_transformer_scan_plan_mask_equals_shrink(llama, granularity):
     assert_unchanged(model, before)
     assert ps.Profile.from_json(profile.to_json()) == profile and ps.Profile.from_csv(profile.to_csv()) == profile
     plan = ps.Plan.from_json(ps.allocate(profile, ps.Budget(0.4)).to_json())
-    masked, shrunk = ps.apply(model, plan, "mask"), ps.apply(model, plan, "shrink")
+    masked, shrunk = ps.apply(model, plan, shrink=False), ps.apply(model, plan, shrink=True)
     assert_unchanged(model, before)
     batch = evaluator.batches[0]
     dense, a, b = _logits(model, batch), _logits(masked, batch), _logits(shrunk, batch)
@@ -53,7 +53,7 @@ def test_scanned_cell_is_what_apply_gives(llama):
     plan = ps.Plan({targets[1].name: 0.5}, {targets[1].name: targets[1].params}, "magnitude", "neuron",
                    details=ps.allocate(profile, 0.2).details)
     for mode in ("mask", "shrink"):
-        assert evaluator.evaluate(ps.apply(model, plan, mode)).value == pytest.approx(cell.value, rel=1e-5)
+        assert evaluator.evaluate(ps.apply(model, plan, shrink=mode == "shrink")).value == pytest.approx(cell.value, rel=1e-5)
 
 
 def test_query_head_mode_round_trips_through_the_plan():
@@ -61,11 +61,11 @@ def test_query_head_mode_round_trips_through_the_plan():
     evaluator = ps.Evaluator(model, token_batches(), "kl")
     targets = ps.find_targets(model, "head", head_mode="query")
     assert all(t.kind == "head/query" and t.group.units == 2 for t in targets)  # 4 query heads over 2 KV groups
-    plan = ps.allocate(ps.scan(model, evaluator, targets, levels=(0.5,)), 0.5, "uniform")
-    assert plan.details["head_mode"] == "query"
-    shrunk = ps.apply(model, plan, "shrink")
+    plan = ps.allocate(ps.scan(model, evaluator, targets, levels=(0.5,)), 0.5, method="uniform")
+    assert plan.head_mode == "query" and "head_mode" not in plan.details
+    shrunk = ps.apply(model, plan, shrink=True)
     batch = evaluator.batches[0]
-    assert torch.allclose(_logits(ps.apply(model, plan, "mask"), batch), _logits(shrunk, batch), atol=1e-5)
+    assert torch.allclose(_logits(ps.apply(model, plan, shrink=False), batch), _logits(shrunk, batch), atol=1e-5)
     assert shrunk.model.layers[0].self_attn.k_proj.out_features == model.model.layers[0].self_attn.k_proj.out_features
 
 
@@ -78,7 +78,7 @@ def test_channel_scan_and_shrink_on_the_digits_cnn(digits_model, digits_val, tmp
     profile = ps.scan(digits_model, evaluator, targets, levels=(0.25, 0.5, 0.75), criterion="l1", round_to=4)
     assert_unchanged(digits_model, before)
     plan = ps.allocate(profile, 0.5)
-    masked, shrunk = ps.apply(digits_model, plan, "mask", example=example), ps.apply(digits_model, plan, "shrink", example=example)
+    masked, shrunk = ps.apply(digits_model, plan, shrink=False, example=example), ps.apply(digits_model, plan, shrink=True, example=example)
     assert_unchanged(digits_model, before)
     assert torch.allclose(_logits(masked, example), _logits(shrunk, example), atol=1e-4)
     assert evaluator.evaluate(shrunk).value == pytest.approx(evaluator.evaluate(masked).value)
@@ -92,7 +92,7 @@ def test_channel_scan_and_shrink_on_the_digits_cnn(digits_model, digits_val, tmp
 def test_shrunk_transformer_saves_and_loads_without_pickle(llama, tmp_path):
     model, evaluator = llama
     profile = ps.scan(model, evaluator, ps.find_targets(model, "neuron"), levels=(0.5,))
-    shrunk = ps.apply(model, ps.allocate(profile, 0.5, "uniform"), "shrink")
+    shrunk = ps.apply(model, ps.allocate(profile, 0.5, method="uniform"), shrink=True)
     save_shrunk(shrunk, tmp_path, model)
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
     batch = evaluator.batches[0]
@@ -118,10 +118,10 @@ def test_structured_bad_input(llama, small_cnn, tmp_path):
         ps.find_targets(model, "banana")
     profile = ps.scan(model, evaluator, ps.find_targets(model, "block"))
     with pytest.raises(ps.PrunescopeError, match="use method 'threshold'"):
-        ps.allocate(profile, 0.5, "uniform")
-    weight_plan = ps.allocate(ps.scan(model, evaluator, ps.find_targets(model, include="*.mlp.*"), levels=(0.5,)), 0.5, "uniform")
+        ps.allocate(profile, 0.5, method="uniform")
+    weight_plan = ps.allocate(ps.scan(model, evaluator, ps.find_targets(model, include="*.mlp.*"), levels=(0.5,)), 0.5, method="uniform")
     with pytest.raises(ps.PrunescopeError, match="weight plan applies as mode 'mask'"):
-        ps.apply(model, weight_plan, "shrink")
+        ps.apply(model, weight_plan, shrink=True)
     assert json.loads(weight_plan.to_json())["granularity"] == "weight"
 
 

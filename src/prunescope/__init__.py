@@ -1,7 +1,5 @@
 """prunescope: pruning sensitivity analysis and sensitivity-guided pruning for PyTorch models."""
 
-__version__ = "0.1.0"
-
 from .allocate import allocate  # noqa: E402
 from .apply import apply  # noqa: E402
 from .errors import PrunescopeError  # noqa: E402
@@ -16,7 +14,9 @@ from .plan import Budget, Plan  # noqa: E402
 from .profile import Cell, Profile  # noqa: E402
 from .scan import scan  # noqa: E402
 from .shards import merge_profiles  # noqa: E402
-from .targets import Target, default_excludes, find_targets  # noqa: E402
+from .target import Target  # noqa: E402
+from .targets import default_excludes, find_targets  # noqa: E402
+from .version import __version__  # noqa: F401
 from .weight_masks import load_masked, make_permanent, masks_of, sparsity_of  # noqa: E402
 
 __all__ = [

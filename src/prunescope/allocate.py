@@ -7,15 +7,16 @@ import torch
 
 from .cost import CostModel
 from .errors import PrunescopeError
+from .identity import ScanIdentity
 from .levels import removed_share
 from .plan import Budget, Plan
 from .profile import Profile
-from .targets import weight_of
+from .target import weight_of
 
 METHODS = ("uniform", "global_magnitude", "threshold")
 
 
-def allocate(profile: Profile, budget: Budget | float, method: str = "threshold", *, model: torch.nn.Module | None = None) -> Plan:
+def allocate(profile: Profile, budget: Budget | float, *, method: str = "threshold", model: torch.nn.Module | None = None) -> Plan:
     """Choose a level per target so the plan removes the budget's fraction: of the profile's
     parameters (``Budget(sparsity=)``), of all the model's parameters (``params=``) or of its
     Conv/Linear FLOPs (``flops=``), the last two from the shrunk shapes (see :mod:`prunescope.cost`).
@@ -57,6 +58,7 @@ def allocate(profile: Profile, budget: Budget | float, method: str = "threshold"
         predicted_drop=predicted,
         metric=profile.metric,
         details={**details, **_structure_details(profile), "predicted_drop_is": "sum of per-target drops (additive assumption)"},
+        **(ScanIdentity.of_profile(profile).removal() if method != "global_magnitude" else {}),
     )
 
 
@@ -207,17 +209,10 @@ def _blocks(profile: Profile, budget: Budget) -> tuple[dict[str, float], dict]:
 
 
 def _structure_details(profile: Profile) -> dict:
-    """What apply needs to rebuild a structured plan's removals: the unit groups, head mode, rounding."""
+    """What apply needs to rebuild a structured plan's removals: the unit groups."""
     if profile.granularity == "weight":
         return {}
-    from .structured import head_mode_of
-
-    return {
-        "groups": {t.name: t.group.to_dict() for t in profile.targets},
-        "head_mode": head_mode_of(profile.targets),
-        "round_to": profile.provenance.get("round_to"),
-        "seed": profile.provenance.get("seed", 0),
-    }
+    return {"groups": {t.name: t.group.to_dict() for t in profile.targets}}
 
 
 def _predicted_costs(profile: Profile, levels: dict) -> dict:

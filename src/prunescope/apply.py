@@ -9,57 +9,63 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .criteria import is_calibrated
 from .errors import PrunescopeError
-from .masks import CALIBRATED_CRITERIA, keep_mask
+from .layer_kinds import weight_input_dim
+from .masks import keep_mask
 from .plan import Plan
-from .targets import prunable_modules
+from .target import Target, prunable_modules
 from .weight_masks import WeightMask
-
-MODES = ("mask", "shrink")
 
 
 def apply(
     model: nn.Module,
     plan: Plan,
-    mode: str = "mask",
     *,
+    shrink: bool = False,
     inplace: bool = False,
-    seed: int = 0,
     example: Any = None,
     calibration: Iterable[Any] | None = None,
+    progress: bool = False,
 ) -> nn.Module:
-    """Prune ``model`` as ``plan`` says and return it (a copy unless ``inplace``).
+    """Prune ``model`` as ``plan`` says and return the pruned model (a copy unless ``inplace``).
 
-    ``mode="mask"`` on a weight plan registers a :class:`WeightMask` parametrization on each
-    planned weight: the model computes with masked weights, the masks appear in ``state_dict()``
-    as ``<module>.parametrizations.weight.0.mask``, and gradients reach the kept weights only.
-    Masks use the plan's criterion and the same seed as ``scan``, so they equal the scanned ones.
+    A weight plan registers a :class:`~prunescope.weight_masks.WeightMask` parametrization on
+    each planned weight: the model computes with masked weights, the masks appear in
+    ``state_dict()`` as ``<module>.parametrizations.weight.0.mask``, and gradients reach the kept
+    weights only. The masks follow the plan's criterion, seed and options, which a plan
+    allocated from a profile takes from its scan, so they equal the scanned ones.
 
-    Structured plans (channel, head, neuron, block) take the same units the scan removed:
-    ``mode="mask"`` emulates their removal in a copy (zeroed consumer columns; a removed block is
-    bypassed by a forward hook, which ``state_dict`` does not carry), and ``mode="shrink"``
-    returns a new, physically smaller model (the input model is never changed). Channel plans
-    trace the model and need ``example`` (one batch).
+    Structured plans (channel, head, neuron, block) take the same units the scan removed (the
+    plan's criterion, seed, round_to and head mode): by default their removal is emulated in a
+    copy (zeroed consumer columns; a removed block is bypassed by a forward hook, which
+    ``state_dict`` does not carry); ``shrink=True`` returns a new, physically smaller model (the
+    input model is never changed). Channel plans trace the model and need ``example`` (one batch).
 
     A plan made with a calibrated criterion (``"wanda"``, ``"sparsegpt"``) is applied by
-    :func:`prunescope.oneshot.prune_oneshot` on ``calibration`` (a list of batches, required):
-    block by block, each block calibrated on the outputs of the pruned blocks before it, so its
-    masks differ from the scan's (which pruned one layer of the dense model at a time). SparseGPT
-    also updates the kept weights; the masks are registered the same way.
+    :func:`prunescope.prune_oneshot` on ``calibration`` (a list of batches, required): block by
+    block, each block calibrated on the outputs of the pruned blocks before it, so its masks
+    differ from the scan's (which pruned one layer of the dense model at a time). SparseGPT also
+    updates the kept weights; the masks are registered the same way, and the returned model's
+    ``prunescope_report`` is the one-shot report (per-layer errors, seconds). ``progress`` shows
+    a progress bar where the work is long (calibrated plans).
     """
-    if mode not in MODES:
-        raise PrunescopeError(f"unknown apply mode {mode!r}; accepted: {', '.join(MODES)}")
+    if not isinstance(plan, Plan):
+        raise PrunescopeError(f"plan must be a prunescope.Plan (Plan.load(path) reads a file); got {type(plan).__name__}")
+    if not isinstance(shrink, bool):
+        raise PrunescopeError(f"shrink must be True (a physically smaller model) or False (masks); got {shrink!r}")
     if plan.granularity != "weight":
-        return _apply_structured(model, plan, mode, inplace, example)
-    if mode == "shrink":
-        raise PrunescopeError("mode 'shrink' removes structured units; a weight plan applies as mode 'mask'")
-    if plan.criterion in CALIBRATED_CRITERIA:
+        return _apply_structured(model, plan, shrink, inplace, example)
+    if shrink:
+        raise PrunescopeError("shrink=True removes structured units; a weight plan applies as masks (shrink=False)")
+    if is_calibrated(plan.criterion):
         if calibration is None:
             raise PrunescopeError(f"plan criterion {plan.criterion!r} calibrates on data: pass calibration= "
                                   "(a list of batches, e.g. held-out windows of the evaluation text)")
         from .oneshot import prune_oneshot
 
-        return prune_oneshot(model, calibration, plan.criterion, plan.levels, inplace=inplace, mask=True)[0]
+        return prune_oneshot(model, calibration, criterion=plan.criterion, level=plan.levels, inplace=inplace, mask=True,
+                             progress=progress, **plan.options)
     result = model if inplace else copy.deepcopy(model)
     modules = dict(prunable_modules(result))
     missing = [name for name in plan.levels if name not in modules]
@@ -71,21 +77,18 @@ def apply(
         module = modules[name]
         if parametrize.is_parametrized(module, "weight"):
             raise PrunescopeError(f"{name}.weight is already masked; call make_permanent first")
-        input_dim = 0 if type(module).__name__ == "Conv1D" else 1
-        mask = keep_mask(module.weight, level, plan.criterion, input_dim, seed=seed, key=name)
+        mask = keep_mask(module.weight, level, plan.criterion, weight_input_dim(module), seed=plan.seed, key=name)
         parametrize.register_parametrization(module, "weight", WeightMask(mask))
     return result
 
 
-def _apply_structured(model: nn.Module, plan: Plan, mode: str, inplace: bool, example: Any) -> nn.Module:
+def _apply_structured(model: nn.Module, plan: Plan, shrink: bool, inplace: bool, example: Any) -> nn.Module:
     from .structure import UnitGroup
-    from .structured import mask_target, shrink, units_removed
-    from .targets import Target
+    from .structured import mask_target, shrink_model, units_removed
 
     groups = plan.details.get("groups")
     if not groups:
         raise PrunescopeError(f"this {plan.granularity} plan has no unit groups; make it with allocate() from a scan profile")
-    head_mode = plan.details.get("head_mode", "kv_group")
     unknown = [name for name in plan.levels if name not in groups]
     if unknown:
         raise PrunescopeError(f"plan levels name groups it has no description of: {', '.join(unknown[:5])}")
@@ -95,14 +98,14 @@ def _apply_structured(model: nn.Module, plan: Plan, mode: str, inplace: bool, ex
         for name in plan.levels
     ]
     removals = {
-        t.name: units_removed(model, t, float(plan.levels[t.name]), plan.criterion, plan.details.get("seed", 0), plan.details.get("round_to"))
+        t.name: units_removed(model, t, float(plan.levels[t.name]), plan.criterion, plan.seed, plan.round_to)
         for t in targets
         if plan.levels.get(t.name, 0) > 0
     }
-    if mode == "shrink":
+    if shrink:
         if inplace:
-            raise PrunescopeError("mode 'shrink' builds a new model; inplace=True is not accepted with it")
-        return shrink(model, targets, removals, example, head_mode)
+            raise PrunescopeError("shrink=True builds a new model; inplace=True is not accepted with it")
+        return shrink_model(model, targets, removals, example, plan.head_mode or "kv_group")
     result = model if inplace else copy.deepcopy(model)
     for target in targets:
         if target.name in removals:

@@ -109,7 +109,7 @@ def scan(
                 console.print("excluded by default (pass --exclude none to keep): " + ", ".join(f"{n} ({r})" for n, r in skipped.items()))
         console.print(f"{len(targets)} targets x {len(parsed_levels)} levels; dense {evaluator.metric.name} = {evaluator.dense.value:.5g}")
         started = time.perf_counter()
-        profile = run_scan(loaded.model, evaluator, targets, parsed_levels, criterion, store, max_drop=max_drop, seed=seed,
+        profile = run_scan(loaded.model, evaluator, targets, levels=parsed_levels, criterion=criterion, store=store, max_drop=max_drop, seed=seed,
                            round_to=round_to, mode=mode, tolerance=tolerance, min_batches=min_batches, incremental=incremental,
                            cache_bytes=cache_mb * 1024**2, progress=True, workers=workers, executor=executor,
                            shard=parsed_shard)
@@ -152,7 +152,7 @@ def merge(
 
 @app.command()
 def estimate(
-    method: str = typer.Option("fisher", help="magnitude | snip | taylor | fisher | obs | wanda | activation | apoz | block_influence | head_importance"),
+    score: str = typer.Option("fisher", help="magnitude | snip | taylor | fisher | obs | wanda | activation | apoz | block_influence | head_importance"),
     model: str = typer.Option("digits-cnn", help=MODEL_HELP),
     data: str | None = typer.Option(None, help=DATA_HELP + " (default: digits for digits-cnn)"),
     metric: str | None = typer.Option(None, help="accuracy | loss | perplexity | kl (default: suits the data)"),
@@ -186,8 +186,8 @@ def estimate(
         loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
         targets = find_targets(loaded.model, granularity, include=include, exclude=_patterns(exclude),
                                example=evaluator.batches[0], head_mode=head_mode)
-        console.print(f"{len(targets)} targets x {len(parsed_levels)} levels; method {method}")
-        profile = run_estimate(loaded.model, evaluator, targets, method, parsed_levels, criterion=criterion, seed=seed,
+        console.print(f"{len(targets)} targets x {len(parsed_levels)} levels; score {score}")
+        profile = run_estimate(loaded.model, evaluator, targets, score=score, levels=parsed_levels, criterion=criterion, seed=seed,
                                round_to=round_to, progress=True)
         profile.provenance.update({"model_spec": model, "data_spec": data})
         if measured is not None:
@@ -225,7 +225,7 @@ def plan(
             if model is None:
                 raise PrunescopeError("--method global_magnitude needs --model")
             net = load_model(model).model
-        result = allocate(loaded_profile, budget, method, model=net)
+        result = allocate(loaded_profile, budget, method=method, model=net)
         result.save(out)
     except PrunescopeError as error:
         _fail(error)
@@ -296,7 +296,7 @@ def prune(
             if loaded_plan.granularity == "channel" and example is None:
                 raise PrunescopeError("a channel plan traces the model: give --data")
             example_inputs = example[0] if isinstance(example, (tuple, list)) else example
-            pruned = apply(loaded.model, loaded_plan, mode, example=example_inputs)
+            pruned = apply(loaded.model, loaded_plan, shrink=mode == "shrink", example=example_inputs)
             results = {"plan_sparsity": loaded_plan.sparsity, "method": loaded_plan.method, "mode": mode,
                        "params_dense": nonzero_parameters(loaded.model)}
             if evaluator is not None:
@@ -306,9 +306,8 @@ def prune(
                 if compare_uniform and loaded_plan.granularity == "block":
                     console.print("no uniform comparison for blocks: a block is kept or removed whole")
                 elif compare_uniform:
-                    uniform = Plan({n: loaded_plan.sparsity for n in loaded_plan.levels}, dict(loaded_plan.params), loaded_plan.criterion,
-                                   loaded_plan.granularity, method="uniform", details=loaded_plan.details)
-                    results["uniform"] = evaluator.evaluate(apply(loaded.model, uniform, mode, example=example_inputs), progress=True).value
+                    uniform = loaded_plan.uniform()
+                    results["uniform"] = evaluator.evaluate(apply(loaded.model, uniform, shrink=mode == "shrink", example=example_inputs), progress=True).value
                 results["metric"] = evaluator.metric.name
                 results["eval_seconds"] = time.perf_counter() - started
             words = {"sparsity": "of the scanned parameters", "params": "of all parameters", "flops": "of the FLOPs"}
@@ -347,17 +346,16 @@ def _prune_oneshot(model_spec: str, level: str, criterion: str, data_spec: str |
 
     Returns (pruned model, the uniform plan it amounts to, summary results, the loaded model).
     """
+    from .criteria import check_criterion, is_calibrated
     from .data import oneshot_data
     from .evaluator import Evaluator
     from .levels import parse_level
     from .models import load_model
     from .oneshot import prune_oneshot
-    from .oneshot.prune_layer import check_oneshot_criterion, needs_data
-    from .plan import Plan
     from .structured import nonzero_parameters
 
     parsed = parse_level(level)
-    check_oneshot_criterion(criterion)
+    check_criterion(criterion, "weight", oneshot=True)
     started = time.perf_counter()
     loaded = load_model(model_spec, progress=True)
     if data_spec is None and loaded.evaluator is not None:
@@ -370,20 +368,19 @@ def _prune_oneshot(model_spec: str, level: str, criterion: str, data_spec: str |
         calibration_data, held_out = oneshot_data(data_spec, loaded, calibration_samples=calibration_samples, samples=samples,
                                                   batch_size=batch_size, seq_len=seq_len, first_window=first_window, split=split)
         evaluator, calibration = Evaluator(loaded.model, held_out.batches, metric or held_out.metric), calibration_data.batches
-        described = f"evaluation on {held_out.description}" + (f"; calibration on {calibration_data.description}" if needs_data(criterion) else "")
+        described = f"evaluation on {held_out.description}" + (f"; calibration on {calibration_data.description}" if is_calibrated(criterion) else "")
     console.print(f"model {model_spec} loaded in {time.perf_counter() - started:.1f}s; {described}; metric: {evaluator.metric.name}")
     started = time.perf_counter()
     dense = evaluator.dense.value  # before pruning in place (also fixes the reference outputs of kl/cosine)
     params_dense = nonzero_parameters(loaded.model)
     eval_seconds = time.perf_counter() - started
-    pruned, report = prune_oneshot(loaded.model, calibration, criterion, parsed, include=include, exclude=exclude,
-                                   inplace=True, progress=True)
+    pruned = prune_oneshot(loaded.model, calibration, criterion=criterion, level=parsed, include=include, exclude=exclude,
+                           inplace=True, progress=True)
+    report = pruned.prunescope_report
     started = time.perf_counter()
     value = evaluator.evaluate(pruned, progress=True).value
     eval_seconds += time.perf_counter() - started
-    params = {layer.name: pruned.get_submodule(layer.name).weight.numel() for layer in report.layers}
-    plan = Plan({layer.name: parsed if isinstance(parsed, float) else str(parsed) for layer in report.layers}, params, criterion,
-                method="oneshot", details={"data": described})
+    plan = report.to_plan(data=described)
     results = {"plan_sparsity": plan.sparsity, "method": "oneshot", "criterion": criterion, "level": level, "mode": "mask",
                "params_dense": params_dense, "dense": dense, "pruned": value, "metric": evaluator.metric.name,
                "eval_seconds": eval_seconds, "prune_seconds": report.seconds, "data": described,

@@ -22,7 +22,9 @@ from torch import nn
 
 from .batches import run_model
 from .levels import Level, removed_share
-from .targets import Target, measure_flops, prunable_modules
+from .modes import eval_mode
+from .target import Target, prunable_modules
+from .targets import measure_flops
 
 
 def packed_attention_flops(model: nn.Module, example: Any) -> dict[str, float]:
@@ -52,16 +54,12 @@ def packed_attention_flops(model: nn.Module, example: Any) -> dict[str, float]:
     if not attentions:
         return flops
     handles = [m.register_forward_pre_hook(hook_for(n, m), with_kwargs=True) for n, m in attentions.items()]
-    was_training = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             run_model(model, example)
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in was_training:
-            module.training = flag
     return flops
 
 

@@ -52,7 +52,7 @@ def run_demo(
     targets = find_targets(model, example=val.batches[0])
     console.print(f"targets: {', '.join(t.name for t in targets)} (final classifier excluded by default)")
     profile = scan(model, val, targets, levels=levels, progress=progress)
-    plans = {method: allocate(profile, budget, method, model=model) for method in ("threshold", "uniform", "global_magnitude")}
+    plans = {method: allocate(profile, budget, method=method, model=model) for method in ("threshold", "uniform", "global_magnitude")}
     rows = {"dense": (model, 0.0, None)}
     for method, plan in plans.items():
         rows[method] = (apply(model, plan), plan.sparsity, plan.predicted_drop)
@@ -93,9 +93,9 @@ def _structured_run(model, val: Evaluator, test: Evaluator, budget: Budget, leve
     targets = find_targets(model, "channel", example=val.batches[0])
     profile = scan(model, val, targets, levels=levels, progress=progress)
     profile.save(out / "channel_profile.json")
-    plans = {method: allocate(profile, budget, method) for method in ("threshold", "uniform")}
+    plans = {method: allocate(profile, budget, method=method) for method in ("threshold", "uniform")}
     plans["threshold"].save(out / "channel_plan.json")
-    models = {"dense": model, **{m: apply(model, plan, "shrink", example=example) for m, plan in plans.items()}}
+    models = {"dense": model, **{m: apply(model, plan, shrink=True, example=example) for m, plan in plans.items()}}
     save_shrunk_channels(models["threshold"], out / "shrunk", "prunescope:digits_cnn")
     inputs = torch.cat([x for x, _ in test.batches])
     seconds = compare_latency(models, inputs, repeats=30, threads=1)  # a tiny CNN: one thread, no OpenMP stalls

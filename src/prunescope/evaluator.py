@@ -15,6 +15,7 @@ import torch
 from .batches import batch_fingerprint_tensors, logits_of, run_model
 from .errors import PrunescopeError, forward_failed
 from .metrics import Metric, resolve_metric
+from .modes import eval_mode
 from .progress import progress_bar
 
 
@@ -98,7 +99,7 @@ class Evaluator:
         return self._dense
 
     def _outputs(self, model: torch.nn.Module) -> list[torch.Tensor]:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             return [logits_of(self._forward(model, i, batch)).detach().clone() for i, batch in enumerate(self.batches)]
 
     def _forward(self, model: torch.nn.Module, index: int, batch: Any) -> Any:
@@ -128,7 +129,7 @@ class Evaluator:
             self._reference = self._outputs(self.model)
         indices = range(len(self.batches)) if batch_indices is None else list(batch_indices)
         values, weights = [], []
-        with _eval_mode(model), torch.no_grad(), progress_bar(len(indices), "evaluate", progress) as bar:
+        with eval_mode(model), torch.no_grad(), progress_bar(len(indices), "evaluate", progress) as bar:
             for index in indices:
                 batch = self.batches[index]
                 with on_batch(index) if on_batch is not None else nullcontext():
@@ -151,22 +152,6 @@ class Evaluator:
         pieces = [np.arange(offsets[i], offsets[i + 1]) for i in batch_indices]
         chosen = np.concatenate(pieces) if pieces else np.arange(0)
         return dense.values[chosen], dense.weights[chosen]
-
-
-class _eval_mode:
-    """Put every module in eval mode and restore each module's own flag on exit."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.flags: list[tuple[torch.nn.Module, bool]] = []
-
-    def __enter__(self) -> None:
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for module, flag in self.flags:
-            module.training = flag
 
 
 def evaluate(model: torch.nn.Module, evaluator: Evaluator) -> Evaluation:

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .batches import logits_of, run_model
-from .evaluator import Evaluator, _eval_mode
+from .evaluator import Evaluator
+from .modes import eval_mode
 
 DEFAULT_MEMORY_BYTES = 2 * 1024**3
 VERIFY_TOLERANCE = 1e-6
@@ -118,7 +119,7 @@ class PrefixCache:
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post))
         try:
-            with _eval_mode(self.model), torch.no_grad():
+            with eval_mode(self.model), torch.no_grad():
                 run_model(self.model, self.evaluator.batches[0])
         finally:
             for handle in handles:
@@ -144,7 +145,7 @@ class PrefixCache:
 
         handles = [unit.register_forward_hook(hook_for(name)) for name, unit in self.units.items()]
         try:
-            with _eval_mode(self.model), torch.no_grad():
+            with eval_mode(self.model), torch.no_grad():
                 for index, batch in enumerate(self.evaluator.batches):
                     current["batch"] = index
                     run_model(self.model, batch)
@@ -210,7 +211,7 @@ class PrefixCache:
             return True
         if skips not in self._verified:
             last = len(self.evaluator.batches) - 1
-            with _eval_mode(self.model), torch.no_grad():
+            with eval_mode(self.model), torch.no_grad():
                 if self._full_last is None:  # the same for every skip set: computed once
                     self._full_last = logits_of(run_model(self.model, self.evaluator.batches[last]))
                 full = self._full_last

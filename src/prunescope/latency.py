@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .batches import run_model
+from .modes import eval_mode
 
 
 def compare_latency(
@@ -19,14 +20,11 @@ def compare_latency(
     """Median seconds per forward of each model on ``batch``, the models taking turns in each round;
     ``threads`` sets torch's intra-op threads for the measurement (restored afterwards)."""
     times: dict[str, list[float]] = {name: [] for name in models}
-    flags = {name: [(m, m.training) for m in model.modules()] for name, model in models.items()}
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        for model in models.values():
-            model.eval()
-        with torch.inference_mode():
+        with eval_mode(models.values()), torch.inference_mode():
             for round_index in range(warmup + repeats):
                 for name, model in models.items():
                     started = time.perf_counter()
@@ -35,7 +33,4 @@ def compare_latency(
                         times[name].append(time.perf_counter() - started)
     finally:
         torch.set_num_threads(previous_threads)
-        for pairs in flags.values():
-            for module, flag in pairs:
-                module.training = flag
     return {name: statistics.median(values) for name, values in times.items()}

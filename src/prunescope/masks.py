@@ -6,26 +6,9 @@ import hashlib
 
 import torch
 
+from .criteria import check_criterion
 from .errors import PrunescopeError
 from .levels import Level, NMPattern, level_key, parse_level
-
-CRITERIA = ("magnitude", "random", "wanda", "sparsegpt")
-CALIBRATED_CRITERIA = ("wanda", "sparsegpt")
-"""Criteria that rank weights from the statistics of the layer's inputs on calibration data
-(Linear and GPT-2 Conv1D layers only); see :mod:`prunescope.oneshot`."""
-
-
-def check_criterion(criterion: str, calibrated: bool = True) -> str:
-    """Refuse an unknown weight criterion; ``calibrated=False`` also refuses wanda and sparsegpt."""
-    if criterion not in CRITERIA:
-        raise PrunescopeError(f"unknown criterion {criterion!r}; accepted: {', '.join(CRITERIA)}")
-    if criterion in CALIBRATED_CRITERIA and not calibrated:
-        raise PrunescopeError(
-            f"criterion {criterion!r} needs the statistics of each layer's inputs on calibration data, so a mask "
-            "cannot be computed from the weight alone: use scan(..., criterion=...), apply(..., calibration=batches) "
-            "or prunescope.oneshot.prune_oneshot; keep_mask accepts magnitude, random"
-        )
-    return criterion
 
 
 def _generator(seed: int, key: str, level: Level) -> torch.Generator:
@@ -66,7 +49,7 @@ def keep_mask(
     ``order`` is :func:`magnitude_order` of ``weight``, when the caller already has it (a scan
     sorts each target once for all its levels).
     """
-    check_criterion(criterion, calibrated=False)
+    check_criterion(criterion, "weight", calibration=False)
     parsed = parse_level(level)
     with torch.no_grad():
         if isinstance(parsed, NMPattern):

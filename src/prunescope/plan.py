@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,10 @@ class Plan:
 
     ``levels`` maps a target name to a fraction removed or an N:M string; ``params`` holds each
     target's parameter count so the plan's sparsity can be computed without the model.
+    ``criterion``, ``seed``, ``round_to``, ``head_mode`` and ``options`` (a calibrated criterion's
+    own settings: SparseGPT's ``block_size`` and ``damp``) decide which elements each level
+    removes; a plan allocated from a profile carries the scan's, so ``apply`` removes what the
+    scan measured.
     """
 
     levels: dict[str, Level]
@@ -64,6 +68,10 @@ class Plan:
     predicted_drop: float | None = None
     metric: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    round_to: int | None = None
+    head_mode: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.levels, self.params = dict(self.levels), dict(self.params)
@@ -95,8 +103,14 @@ class Plan:
         if data.get("format") != "prunescope.plan":
             raise PrunescopeError("not a prunescope plan (missing format: prunescope.plan)")
         budget = Budget(**{k: v for k, v in data["budget"].items() if v is not None}) if data.get("budget") else None
-        keys = ("levels", "params", "criterion", "granularity", "method", "predicted_drop", "metric", "details")
-        return cls(**{k: data[k] for k in keys if k in data}, budget=budget)
+        keys = ("levels", "params", "criterion", "granularity", "method", "predicted_drop", "metric", "details",
+                "seed", "round_to", "head_mode", "options")
+        values = {k: data[k] for k in keys if k in data}
+        details = values.get("details") or {}
+        for key in ("seed", "round_to", "head_mode"):  # plans written before these were fields kept them in details
+            if key not in values and key in details:
+                values[key] = details[key]
+        return cls(**values, budget=budget)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -117,3 +131,9 @@ class Plan:
 
     def level_key(self, name: str) -> str:
         return level_key(self.levels[name])
+
+    def uniform(self) -> Plan:
+        """The plan removing this plan's sparsity from every one of its targets, with the same
+        criterion and removal settings (the baseline a non-uniform plan is compared with)."""
+        return replace(self, levels={n: self.sparsity for n in self.levels}, params=dict(self.params), method="uniform",
+                       predicted_drop=None, details=dict(self.details))

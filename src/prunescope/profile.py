@@ -12,7 +12,7 @@ from typing import Any
 from .atomic import write_text_atomic
 from .errors import PrunescopeError
 from .levels import is_nm_key
-from .targets import Target
+from .target import Target
 
 FORMAT_VERSION = 1
 

@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
-import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import __version__
+from .cell_runner import ScanSettings, TargetRunner
 from .cost import CostModel
+from .criteria import check_criterion, is_calibrated
 from .errors import PrunescopeError
 from .evaluator import Evaluator
 from .execution import check_execution, run_parallel
 from .execution.events import Task
 from .execution.payload import WorkerContext, pack
 from .fingerprint import model_fingerprint
-from .incremental import DEFAULT_MEMORY_BYTES, PrefixCache
-from .levels import DEFAULT_LEVELS, Level, NMPattern, level_key, level_sparsity, parse_levels
-from .masks import CALIBRATED_CRITERIA, check_criterion, check_nm_compatible, keep_mask, magnitude_order
+from .identity import SPARSEGPT_OPTIONS, ScanIdentity
+from .incremental import DEFAULT_MEMORY_BYTES
+from .levels import DEFAULT_LEVELS, Level, NMPattern, level_key, parse_levels
+from .masks import check_nm_compatible
 from .profile import Cell, Profile
 from .progress import progress_bar
 from .shards import shard_targets
-from .stats import PairedChange, paired_change
 from .store import CellStore
-from .structured import BLOCK_LEVEL, head_mode_of, mask_target, structured_criterion, units_removed
-from .targets import Target, find_targets, weight_of
+from .structured import BLOCK_LEVEL, head_mode_of, units_removed
+from .target import Target
+from .targets import find_targets
+from .version import __version__
 
 MODES = ("exact", "adaptive")
 
@@ -38,10 +37,10 @@ def scan(
     model: torch.nn.Module,
     evaluator: Evaluator,
     targets: list[Target] | None = None,
+    *,
     levels: tuple[Level, ...] | list[Level] = DEFAULT_LEVELS,
     criterion: str = "magnitude",
     store: str | Path | None = None,
-    *,
     max_drop: float | None = None,
     seed: int = 0,
     confidence: float = 0.95,
@@ -125,29 +124,25 @@ def scan(
     if shard is not None:
         targets = shard_targets(targets, shard)
     granularity = _single_granularity(targets)
-    dense_stats, calibration_identity = None, {}
+    dense_stats, calibration_identity = None, None
+    check_criterion(criterion, granularity)
     if granularity == "weight":
-        check_criterion(criterion)
-        if criterion in CALIBRATED_CRITERIA:
+        if is_calibrated(criterion):
             from .oneshot.dense_stats import DenseStats, batches_fingerprint
 
             if calibration is None:
-                calibration, calibration_identity = evaluator.batches, {"calibration": "evaluator batches"}
+                calibration, calibration_identity = evaluator.batches, "evaluator batches"
             else:
                 calibration = list(calibration)
                 if not calibration:
                     raise PrunescopeError("calibration batches are empty: give at least one batch, or None for the evaluator's")
-                calibration_identity = {"calibration": batches_fingerprint(calibration)}
+                calibration_identity = batches_fingerprint(calibration)
             dense_stats = DenseStats(model, calibration, [t.name for t in targets], criterion)
         for level in parsed_levels:
             if isinstance(level, NMPattern):
                 for t in targets:
                     check_nm_compatible(t.shape, t.input_dim, level, t.name)
     else:
-        if criterion in CALIBRATED_CRITERIA:
-            raise PrunescopeError(f"criterion {criterion!r} prunes elements of Linear weights; {granularity} targets take "
-                                  "magnitude (= l2), l1, l2, bn_scale or random")
-        structured_criterion(criterion)
         if any(isinstance(level, NMPattern) for level in parsed_levels):
             raise PrunescopeError(f"N:M levels apply to weights only; {granularity} targets take fractions of their units")
         if granularity == "block":
@@ -157,19 +152,15 @@ def scan(
                 units_removed(model, t, level, criterion, seed, round_to)
     dense = evaluator.dense  # refuses a failing forward or a non-finite metric before any file is written
     level_keys = [BLOCK_LEVEL] if granularity == "block" else [level_key(level) for level in parsed_levels]
-    provenance = {
-        "model_sha256": fingerprint_before,
-        "data_sha256": evaluator.fingerprint,
-        "samples": dense.samples,
-        "batches": len(evaluator.batches),
-        "seed": seed,
-        "round_to": round_to,
-        **calibration_identity,
-        **({"mode": mode, "tolerance": tolerance, "min_batches": min_batches} if mode == "adaptive" else {}),
-        **({"shard": list(shard)} if shard is not None else {}),
-        "prunescope": __version__,
-        "torch": torch.__version__,
-    }
+    identity = ScanIdentity(
+        model=fingerprint_before, data=evaluator.fingerprint, metric=evaluator.metric.name, criterion=criterion,
+        granularity=granularity, levels=tuple(level_keys), seed=seed, confidence=confidence, round_to=round_to,
+        head_mode=head_mode_of(targets) if granularity == "head" else None, calibration=calibration_identity,
+        mode=mode, tolerance=tolerance if mode == "adaptive" else None, min_batches=min_batches,
+        shard=tuple(shard) if shard is not None else None,
+        options=dict(SPARSEGPT_OPTIONS) if criterion == "sparsegpt" else {})
+    provenance = {**identity.provenance(), "samples": dense.samples, "batches": len(evaluator.batches),
+                  "prunescope": __version__, "torch": torch.__version__}
     settings = ScanSettings(granularity, criterion, tuple(parsed_levels), tuple(level_keys), seed, round_to, max_drop,
                             mode, tolerance, confidence, incremental, cache_bytes, min_batches)
     parallel = executor == "ray" or (workers or 1) > 1
@@ -178,15 +169,7 @@ def scan(
         payload = pack(WorkerContext(model, evaluator, list(targets), settings, calibration if dense_stats is not None else None))
     cell_store = None
     if store is not None:
-        identity = {"model": fingerprint_before, "data": evaluator.fingerprint, "metric": evaluator.metric.name,
-                    "criterion": criterion, "seed": seed, "levels": level_keys, "granularity": granularity,
-                    "confidence": confidence, **({"round_to": round_to} if round_to else {}),
-                    **calibration_identity,
-                    **({"mode": mode, "tolerance": tolerance} if mode == "adaptive" else {}),
-                    **({"min_batches": min_batches} if mode == "adaptive" and min_batches != 2 else {}),
-                    **({"head_mode": head_mode_of(targets)} if granularity == "head" else {}),
-                    **({"shard": list(shard)} if shard is not None else {})}
-        cell_store = CellStore(store, identity)
+        cell_store = CellStore(store, identity.store_header())
 
     if parallel:
         tasks, done = _pending(targets, cell_store, settings, evaluator.higher_is_better)
@@ -265,269 +248,3 @@ def _stored(cell_store: CellStore | None, name: str, level_keys: list[str]) -> d
     if cell_store is None:
         return {}
     return {key: cell for key in level_keys if (cell := cell_store.get(name, key)) is not None}
-
-
-@dataclass(frozen=True)
-class ScanSettings:
-    """How every cell of a scan is measured; the same in this process and in each worker."""
-
-    granularity: str
-    criterion: str
-    levels: tuple[float | NMPattern, ...]
-    level_keys: tuple[str, ...]
-    seed: int
-    round_to: int | None
-    max_drop: float | None
-    mode: str
-    tolerance: float | None
-    confidence: float
-    incremental: bool
-    cache_bytes: int
-    min_batches: int = 2
-
-
-class TargetRunner:
-    """Measures all the levels of one target at a time on ``model``, which it changes in place for a
-    cell and restores bit for bit. Used by the serial scan and, on its own copy of the model, by
-    each worker process or Ray task.
-
-    ``eager`` prepares the incremental replay of every target up front (and warns about refused
-    replays); a worker prepares each target's replay when it first measures it, and reports it.
-    """
-
-    def __init__(self, model: torch.nn.Module, evaluator: Evaluator, targets: list[Target], settings: ScanSettings,
-                 *, dense_stats=None, calibration: list[Any] | None = None, eager: bool = True) -> None:
-        self.model, self.evaluator, self.settings = model, evaluator, settings
-        self.weights = {t.name: weight_of(model, t) for t in targets} if settings.granularity == "weight" else {}
-        if dense_stats is None and calibration is not None:
-            from .oneshot.dense_stats import DenseStats
-
-            dense_stats = DenseStats(model, calibration, [t.name for t in targets], settings.criterion)
-        self.dense_stats = dense_stats
-        self.replay = None
-        if settings.incremental:
-            self.replay = _Replay(model, evaluator, targets, settings.granularity, settings.cache_bytes, eager=eager)
-        self.measure = _Measure(evaluator, self.replay, settings.mode, settings.tolerance, settings.confidence,
-                                settings.max_drop, settings.seed, settings.min_batches)
-
-    def cells(self, target: Target, known: Mapping[str, Cell]) -> Iterator[tuple[Cell, bool]]:
-        """Yield (cell, measured now) for each level in order, taking ``known`` cells (by level key) as they
-        are; fractional levels past ``max_drop`` are not yielded."""
-        s = self.settings
-        if self.replay is not None:
-            self.replay.prepare(target)
-        stopped = False
-        order = None
-        for level, key in zip(s.levels, s.level_keys, strict=True):
-            fractional = not isinstance(level, NMPattern)
-            if stopped and fractional:
-                continue
-            cell = known.get(key)
-            fresh = cell is None
-            if fresh:
-                if s.granularity == "weight":
-                    weight = self.weights[target.name]
-                    if order is None and s.criterion == "magnitude" and self.dense_stats is None:
-                        order = magnitude_order(weight)  # one sort serves every fractional level
-                    removal = _weight_removal(target, weight, level, s.criterion, s.seed, self.model, self.dense_stats, order)
-                else:
-                    removal = _unit_removal(self.model, target, level, s.criterion, s.seed, s.round_to)
-                cell = self.measure(self.model, target.name, key, removal)
-            yield cell, fresh
-            stopped = stopped or _stops(s, level, cell, self.evaluator.higher_is_better)
-
-    @staticmethod
-    def from_known(settings: ScanSettings, known: Mapping[str, Cell], higher_is_better: bool) -> list[Cell] | None:
-        """The cells :meth:`cells` would yield if every cell it needs is in ``known``, else None."""
-        cells: list[Cell] = []
-        stopped = False
-        for level, key in zip(settings.levels, settings.level_keys, strict=True):
-            if stopped and not isinstance(level, NMPattern):
-                continue
-            if key not in known:
-                return None
-            cells.append(known[key])
-            stopped = stopped or _stops(settings, level, known[key], higher_is_better)
-        return cells
-
-    def replay_status(self, target: Target) -> dict | None:
-        """Whether ``target``'s cells replayed recorded outputs, the replay refused for it, and the cache size."""
-        if self.replay is None:
-            return None
-        return {"replaying": bool(self.replay.skips.get(target.name)), "refused": self.replay.refused_of.get(target.name),
-                **{k: v for k, v in self.replay.summary().items() if k in ("units", "cache_bytes_in_memory", "cache_bytes_spilled")}}
-
-    def close(self) -> None:
-        if self.replay is not None:
-            self.replay.close()
-
-
-def _stops(settings: ScanSettings, level: float | NMPattern, cell: Cell, higher_is_better: bool) -> bool:
-    """Whether ``cell`` ends its target's fractional levels: its drop exceeds ``max_drop``."""
-    drop = -cell.change if higher_is_better else cell.change
-    return settings.max_drop is not None and not isinstance(level, NMPattern) and drop > settings.max_drop
-
-
-def _weight_removal(target: Target, weight: torch.Tensor, level: float | NMPattern, criterion: str, seed: int,
-                    model: torch.nn.Module, dense_stats=None, order: torch.Tensor | None = None):
-    """(sparsity, apply) for a weight target: apply() zeroes the masked elements in place (a
-    calibrated criterion writes its pruned, possibly updated weight) and returns a restore that
-    copies the original values back."""
-    if dense_stats is not None:
-        from .oneshot.dense_stats import pruned_weight
-
-        pruned = pruned_weight(model, target.name, level, criterion, dense_stats.get(target.name))
-    else:
-        mask = keep_mask(weight, level, criterion, target.input_dim, seed=seed, key=target.name, order=order)
-
-    def apply_mask() -> Callable[[], None]:
-        original = weight.detach().clone()
-        with torch.no_grad():
-            if dense_stats is not None:
-                weight.copy_(pruned)
-            else:
-                weight.mul_(mask)
-
-        def restore() -> None:
-            with torch.no_grad():
-                weight.copy_(original)
-
-        return restore
-
-    return level_sparsity(level), apply_mask
-
-
-def _unit_removal(model: torch.nn.Module, target: Target, level: float, criterion: str, seed: int, round_to: int | None):
-    """(fraction of units removed, apply) for a structured target; apply() emulates the removal."""
-    remove = units_removed(model, target, level, criterion, seed, round_to)
-    return len(remove) / target.group.units, lambda: mask_target(model, target, remove)
-
-
-class _Replay:
-    """Which recorded dense outputs each target's cells replay (see :mod:`prunescope.incremental`)."""
-
-    def __init__(self, model: torch.nn.Module, evaluator: Evaluator, targets: list[Target], granularity: str,
-                 cache_bytes: int, eager: bool = True) -> None:
-        """Records the outputs of the units any of ``targets`` would skip; ``eager`` also verifies every
-        target's skip set now (and warns about refused ones) instead of on the target's first cell."""
-        self.cache = PrefixCache(model, evaluator, cache_bytes)
-        self.model, self.granularity = model, granularity
-        self.cache.record({unit for t in targets for unit in self.cache.skip_set(_cell_tensors(model, t, granularity))})
-        self.skips: dict[str, tuple[str, ...]] = {}
-        self.refused_of: dict[str, tuple[str, ...]] = {}
-        for target in targets if eager else []:
-            self.prepare(target)
-        if self.refused and eager:
-            warnings.warn(refused_replay_warning(self.refused), stacklevel=4)
-
-    @property
-    def refused(self) -> list[tuple[str, ...]]:
-        return list(self.refused_of.values())
-
-    def prepare(self, target: Target) -> tuple[str, ...]:
-        """The units ``target``'s cells replay, chosen and verified on first use."""
-        if target.name not in self.skips:
-            skips = self.cache.skip_set(_cell_tensors(self.model, target, self.granularity))
-            if skips and not self.cache.verified(skips):
-                self.refused_of[target.name] = skips
-                skips = ()
-            self.skips[target.name] = skips
-        return self.skips[target.name]
-
-    def summary(self) -> dict:
-        return {"units": len(self.cache.units), "targets_replaying": sum(1 for s in self.skips.values() if s),
-                "refused_replays": len(set(self.refused)), "cache_bytes_in_memory": self.cache.held_bytes,
-                "cache_bytes_spilled": self.cache.spilled_bytes}
-
-    def on_batch(self, target: str):
-        skips = self.skips.get(target, ())
-        return (lambda index: self.cache.skipping(skips, index)) if skips else None
-
-    def close(self) -> None:
-        self.cache.close()
-
-
-def refused_replay_warning(refused: Iterable[tuple[str, ...]]) -> str:
-    """The warning for replay patterns that did not reproduce the full forward pass."""
-    names = ", ".join(sorted({tuple(skips)[-1] for skips in refused})[:3])
-    return (f"incremental scan: replaying the recorded outputs of {names} did not reproduce the full forward pass "
-            "on batch 0; those cells run the full model")
-
-
-def _cell_tensors(model: torch.nn.Module, target: Target, granularity: str) -> list[torch.Tensor]:
-    """The parameters and buffers a target's cells change."""
-    if granularity == "weight":
-        return [weight_of(model, target)]
-    tensors = {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
-    return [tensors[s.tensor] for s in target.group.slices if s.tensor in tensors]
-
-
-class _Measure:
-    """Evaluate one cell: all batches (exact) or batch by batch until the interval is tight (adaptive).
-
-    Adaptive cells visit the batches in one seeded random order, the same for every cell: the
-    batches seen first are then a random sample of the list (a list in the order of a text, or of
-    a dataset sorted by class, would otherwise bias the early estimate), and cells stopped at the
-    same count are compared on the same batches. The interval bounds the exact scan's change on
-    all the batches, so its variance carries the finite-population correction (1 - n / N): it
-    shrinks to the exact value once every sample is seen.
-    """
-
-    def __init__(self, evaluator: Evaluator, replay: _Replay | None, mode: str, tolerance: float | None,
-                 confidence: float, max_drop: float | None, seed: int = 0, min_batches: int = 2) -> None:
-        self.evaluator, self.replay, self.mode = evaluator, replay, mode
-        self.min_batches = min(min_batches, len(evaluator.batches))
-        self.tolerance, self.confidence, self.max_drop = tolerance, confidence, max_drop
-        self.order = [int(i) for i in np.random.default_rng(seed).permutation(len(evaluator.batches))]
-
-    def __call__(self, model: torch.nn.Module, name: str, key: str,
-                 removal: tuple[float, Callable[[], Callable[[], None]]]) -> Cell:
-        """Apply one removal in place, evaluate, and restore the model exactly."""
-        started = time.perf_counter()
-        sparsity, apply_removal = removal
-        on_batch = self.replay.on_batch(name) if self.replay is not None else None
-        restore = apply_removal()
-        try:
-            change = self._change(model, on_batch)
-        finally:
-            restore()
-        return Cell(
-            target=name,
-            level=key,
-            sparsity=sparsity,
-            value=change.value,
-            change=change.change,
-            ci_low=change.ci_low,
-            ci_high=change.ci_high,
-            samples=change.samples,
-            seconds=time.perf_counter() - started,
-        )
-
-    def _change(self, model: torch.nn.Module, on_batch) -> PairedChange:
-        evaluator, log_scale = self.evaluator, self.evaluator.metric.log_scale
-        dense = evaluator.dense
-        if self.mode == "exact":
-            pruned = evaluator.evaluate(model, on_batch=on_batch)
-            return paired_change(dense.values, pruned.values, dense.weights, log_scale, self.confidence)
-        anchor = float((dense.values * dense.weights).sum() / dense.weights.sum())
-        done: list[int] = []
-        values: list[np.ndarray] = []
-        for index in self.order:
-            done.append(index)
-            values.append(evaluator.evaluate(model, batch_indices=[index], on_batch=on_batch).values)
-            if len(done) < self.min_batches:
-                continue
-            dense_values, dense_weights = evaluator.dense_on(done)
-            change = paired_change(dense_values, np.concatenate(values), dense_weights, log_scale, self.confidence,
-                                   dense_mean=anchor, population=dense.samples)
-            if change.ci_low is None:
-                continue
-            if (change.ci_high - change.ci_low) / 2 <= self.tolerance or self._past_cap(change):
-                return change
-        return change
-
-    def _past_cap(self, change: PairedChange) -> bool:
-        if self.max_drop is None:
-            return False
-        worst_case_small = -change.ci_high if self.evaluator.higher_is_better else change.ci_low
-        return worst_case_small > self.max_drop

@@ -13,15 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import PrunescopeError
+from .identity import ScanIdentity
 from .profile import Profile
-from .targets import Target
-
-PROFILE_IDENTITY = ("kind", "metric", "higher_is_better", "criterion", "granularity", "levels", "confidence")
-"""Profile fields every shard must share."""
-
-PROVENANCE_IDENTITY = ("model_sha256", "data_sha256", "samples", "batches", "seed", "round_to", "calibration", "mode",
-                       "tolerance", "min_batches")
-"""Provenance entries every shard must share."""
+from .target import Target
 
 
 def shard_targets(targets: list[Target], shard: tuple[int, int]) -> list[Target]:
@@ -39,8 +33,10 @@ def shard_targets(targets: list[Target], shard: tuple[int, int]) -> list[Target]
 
 
 def _identity(profile: Profile) -> dict:
-    return {**{k: getattr(profile, k) for k in PROFILE_IDENTITY},
-            **{k: profile.provenance.get(k) for k in PROVENANCE_IDENTITY}}
+    """What every shard of one scan shares: its ScanIdentity but the shard, the kind and the data size."""
+    return {**ScanIdentity.of_profile(profile).without_shard(), "kind": profile.kind,
+            "higher_is_better": profile.higher_is_better,
+            **{k: profile.provenance.get(k) for k in ("samples", "batches")}}
 
 
 def merge_profiles(profiles: Sequence[Profile | str | Path]) -> Profile:

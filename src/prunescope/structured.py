@@ -11,29 +11,19 @@ from typing import Any
 
 from torch import nn
 
+from .criteria import check_criterion
 from .errors import PrunescopeError
-from .targets import Target
+from .target import Target
 
 STRUCTURED_GRANULARITIES = ("channel", "head", "neuron", "block")
-STRUCTURED_CRITERIA = ("l1", "l2", "bn_scale", "random")
 BLOCK_LEVEL = "1"
 """The one level of a block target: the block becomes the identity."""
-
-
-def structured_criterion(criterion: str) -> str:
-    """Unit criterion for structured targets; ``"magnitude"`` means the group L2 norm."""
-    criterion = "l2" if criterion == "magnitude" else criterion
-    if criterion not in STRUCTURED_CRITERIA:
-        raise PrunescopeError(
-            f"unknown criterion {criterion!r} for structured targets; accepted: magnitude (= l2), {', '.join(STRUCTURED_CRITERIA)}"
-        )
-    return criterion
 
 
 def structured_targets(model: nn.Module, granularity: str, example: Any = None, head_mode: str = "kv_group") -> list[Target]:
     """One :class:`Target` per unit group of ``granularity`` (channel groups need ``example``)."""
     from .structure import find_channel_groups, find_residual_blocks, find_transformer_groups
-    from .structure.transformer_find import has_transformer_layers
+    from .structure.transformer_layout import has_transformer_layers
 
     if granularity == "channel":
         if example is None:
@@ -70,9 +60,7 @@ def units_removed(
     group = target.group
     if target.granularity == "block":
         return [0]
-    criterion = structured_criterion(criterion)
-    if criterion == "bn_scale" and target.granularity != "channel":
-        raise PrunescopeError("criterion 'bn_scale' ranks channel groups only; use l1, l2 or random")
+    criterion = check_criterion(criterion, target.granularity)
     score = channel_unit_scores if target.granularity == "channel" else unit_scores
     scores = score(model, group, criterion, seed=seed)
     try:
@@ -89,12 +77,12 @@ def mask_target(model: nn.Module, target: Target, remove: Sequence[int]) -> Call
     return mask(model, target.group, remove)
 
 
-def shrink(
+def shrink_model(
     model: nn.Module, targets: Sequence[Target], removals: dict[str, list[int]], example: Any = None, head_mode: str = "kv_group"
 ) -> nn.Module:
     """A new, physically smaller model without the ``removals`` (group name -> unit indices)."""
     from .structure import shrink_channels, shrink_residual_blocks, shrink_transformer
-    from .structure.transformer_find import has_transformer_layers
+    from .structure.transformer_layout import has_transformer_layers
 
     granularities = {t.granularity for t in targets if t.name in removals}
     if granularities == {"channel"}:
@@ -128,6 +116,6 @@ def nonzero_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "BLOCK_LEVEL", "STRUCTURED_CRITERIA", "STRUCTURED_GRANULARITIES", "head_mode_of", "mask_target", "nonzero_parameters", "parameter_count", "shrink",
-    "structured_criterion", "structured_targets", "units_removed",
+    "BLOCK_LEVEL", "STRUCTURED_GRANULARITIES", "head_mode_of", "mask_target", "nonzero_parameters", "parameter_count", "shrink_model",
+    "structured_targets", "units_removed",
 ]

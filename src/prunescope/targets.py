@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -12,64 +11,9 @@ from torch import nn
 
 from .batches import run_model
 from .errors import PrunescopeError, forward_failed
-from .structure.groups import UnitGroup
-
-GRANULARITIES = ("weight", "channel", "head", "neuron", "block")
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@dataclass(frozen=True)
-class Target:
-    """One prunable weight tensor.
-
-    Attributes:
-        name: module path in ``model.named_modules()``.
-        kind: module class name (``Linear``, ``Conv2d``, ``Conv1D`` ...).
-        shape: shape of the weight tensor.
-        params: elements in the weight tensor.
-        flops: FLOPs (2 x multiply-accumulates) of this module for one sample, or None if unmeasured.
-        input_dim: axis of the weight that indexes input features (N:M groups run along it).
-        granularity: ``"weight"`` (elements of one tensor) or a structured unit: ``"channel"``,
-            ``"head"``, ``"neuron"``, ``"block"``; then ``group`` holds the units and their slices,
-            ``shape`` is ``(units,)`` and ``params`` counts every coupled parameter.
-    """
-
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    params: int
-    flops: float | None = None
-    input_dim: int = 1
-    granularity: str = "weight"
-    parameter: str = field(default="weight")
-    group: UnitGroup | None = None
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["group"] = None if self.group is None else self.group.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Target:
-        group = data.get("group")
-        return cls(**{**data, "shape": tuple(data["shape"]), "group": None if group is None else UnitGroup.from_dict(group)})
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), torch.Tensor)
-
-
-def _input_dim(module: nn.Module) -> int | None:
-    if isinstance(module, nn.Linear) or isinstance(module, _CONVS):
-        return 1
-    if _is_hf_conv1d(module):
-        return 0  # GPT-2 Conv1D stores the weight as [in, out]
-    return None
-
-
-def prunable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Linear, Conv1d/2d/3d and Hugging Face Conv1D, in registration order."""
-    return [(name, m) for name, m in model.named_modules() if name and _input_dim(m) is not None]
+from .layer_kinds import CONVS, weight_input_dim
+from .modes import eval_mode
+from .target import GRANULARITIES, Target, prunable_modules
 
 
 def default_excludes(model: nn.Module) -> dict[str, str]:
@@ -109,7 +53,7 @@ def measure_flops(model: nn.Module, example: Any, names: list[str]) -> dict[str,
             per_sample_outputs = output.numel() / batch
             if isinstance(module, nn.Linear):
                 macs = per_sample_outputs * module.in_features
-            elif isinstance(module, _CONVS):
+            elif isinstance(module, CONVS):
                 kernel = 1
                 for k in module.kernel_size:
                     kernel *= k
@@ -121,10 +65,8 @@ def measure_flops(model: nn.Module, example: Any, names: list[str]) -> dict[str,
         return hook
 
     handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
-    was_training = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             run_model(model, example)
     except PrunescopeError:
         raise
@@ -133,8 +75,6 @@ def measure_flops(model: nn.Module, example: Any, names: list[str]) -> dict[str,
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in was_training:
-            module.training = flag
     return flops
 
 
@@ -193,22 +133,7 @@ def find_targets(
             shape=tuple(module.weight.shape),
             params=module.weight.numel(),
             flops=flops.get(name),
-            input_dim=_input_dim(module),
+            input_dim=weight_input_dim(module),
         )
         for name, module in chosen
     ]
-
-
-def weight_of(model: nn.Module, target: Target) -> torch.Tensor:
-    """The live weight tensor of a target (a Parameter of the model)."""
-    try:
-        module = model.get_submodule(target.name)
-    except AttributeError:
-        raise PrunescopeError(f"target {target.name!r} is not a module of this model") from None
-    parametrizations = getattr(module, "parametrizations", None)
-    if parametrizations is not None and target.parameter in parametrizations:
-        raise PrunescopeError(f"target {target.name!r} is already masked; call make_permanent(model) first")
-    weight = getattr(module, target.parameter)
-    if tuple(weight.shape) != tuple(target.shape):
-        raise PrunescopeError(f"target {target.name!r} has shape {tuple(weight.shape)}, expected {target.shape}")
-    return weight

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import PrunescopeError
-from .targets import prunable_modules
+from .target import prunable_modules
 
 
 class WeightMask(nn.Module):

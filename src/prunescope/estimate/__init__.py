@@ -3,6 +3,6 @@ block influence, head importance) returned as the same Profile as ``scan``, and 
 with a measured scan."""
 
 from .agreement import Agreement, agreement
-from .api import METHODS, describe_methods, estimate
+from .api import SCORES, describe_scores, estimate
 
-__all__ = ["METHODS", "Agreement", "agreement", "describe_methods", "estimate"]
+__all__ = ["SCORES", "Agreement", "agreement", "describe_scores", "estimate"]

@@ -20,8 +20,8 @@ from torch import nn
 
 from ..batches import run_model
 from ..errors import PrunescopeError, forward_failed
-from ..structure.transformer_find import is_conv1d
-from .calibration import analysis_mode
+from ..layer_kinds import is_conv1d
+from ..modes import eval_mode
 
 
 @dataclass
@@ -84,7 +84,7 @@ def run_forward(model: nn.Module, batches: Iterable[Any], hooks: list[tuple[nn.M
     """One forward pass over ``batches`` in eval mode without gradients, with temporary hooks:
     ``(module, "pre" | "forward", hook)``; forward hooks are registered with kwargs."""
     handles = []
-    with analysis_mode(model):
+    with eval_mode(model):
         try:
             for module, kind, hook in hooks:
                 if kind == "pre":

@@ -22,7 +22,7 @@ class Agreement:
     NaN where a ranking is undefined (fewer than 3 targets, or all drops equal).
     """
 
-    method: str
+    score: str
     spearman: float
     mean_per_level: float
     per_level: dict[str, float]
@@ -69,7 +69,7 @@ def agreement(estimated: Profile, measured: Profile) -> Agreement:
     per_level = {level: _spearman(*map(list, zip(*p, strict=True))) for level, p in pairs.items()}
     defined = [v for v in per_level.values() if not math.isnan(v)]
     return Agreement(
-        method=str(estimated.provenance.get("method", estimated.kind)),
+        score=str(estimated.provenance.get("score", estimated.kind)),
         spearman=_spearman(*map(list, zip(*everything, strict=True))),
         mean_per_level=float(np.mean(defined)) if defined else math.nan,
         per_level=per_level,

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..cost import CostModel
+from ..criteria import check_criterion
 from ..errors import PrunescopeError
 from ..evaluator import Evaluator
 from ..fingerprint import model_fingerprint
@@ -19,8 +19,10 @@ from ..levels import DEFAULT_LEVELS, Level, NMPattern, level_key, level_sparsity
 from ..masks import check_nm_compatible, keep_mask
 from ..profile import Cell, Profile
 from ..progress import progress_bar
-from ..structured import BLOCK_LEVEL, structured_criterion, units_removed
-from ..targets import Target, find_targets, weight_of
+from ..structured import BLOCK_LEVEL, units_removed
+from ..target import Target, weight_of
+from ..targets import find_targets
+from ..version import __version__
 from .activations import feature_activations, input_moments
 from .blocks import block_influence
 from .calibration import as_evaluator, gradient_loss, metric_change
@@ -35,7 +37,6 @@ from .unit_scores import (
 )
 from .weight_scores import gradient_scores, magnitude_scores, obs_error, wanda_scores
 
-WEIGHT_CRITERIA = ("magnitude", "random")
 UNITS = ("channel", "head", "neuron")
 OBS_BLOCK_SIZE = 128
 OBS_DAMP = 0.01
@@ -43,8 +44,8 @@ OBS_DAMP = 0.01
 
 
 @dataclass(frozen=True)
-class Method:
-    """What a method applies to, what it needs and what its number means."""
+class Score:
+    """What a score applies to, what it needs and what its number means."""
 
     granularities: tuple[str, ...]
     needs_data: bool
@@ -56,26 +57,26 @@ class Method:
     meaning: str
 
 
-METHODS: dict[str, Method] = {
-    "magnitude": Method(("weight", *UNITS), False, None, False,
+SCORES: dict[str, Score] = {
+    "magnitude": Score(("weight", *UNITS), False, None, False,
                         "share of the target's sum |w|^p removed (data-free score in [0, 1])"),
-    "snip": Method(("weight", *UNITS), True, "first", False,
+    "snip": Score(("weight", *UNITS), True, "first", False,
                    "sum of |g w| over the removed elements (Lee et al. 2019; score, nats of |first-order terms|)"),
-    "taylor": Method(("weight", *UNITS), True, "first", True,
+    "taylor": Score(("weight", *UNITS), True, "first", True,
                      "first-order loss change -sum g w of the removal (Molchanov et al. 2019)"),
-    "fisher": Method(("weight", *UNITS), True, "sample", True,
+    "fisher": Score(("weight", *UNITS), True, "sample", True,
                      "second-order loss change 0.5 sum F w^2, per-sample empirical Fisher diagonal (OBD)"),
-    "obs": Method(("weight",), True, None, False,
+    "obs": Score(("weight",), True, None, False,
                   "SparseGPT's OBS reconstruction error of the layer output per calibration token (score)"),
-    "wanda": Method(("weight",), True, None, False,
+    "wanda": Score(("weight",), True, None, False,
                     "sum of the removed (|w| ||x||)^2 per calibration token (Sun et al. 2023; score)"),
-    "activation": Method(("channel", "neuron"), True, None, False,
+    "activation": Score(("channel", "neuron"), True, None, False,
                          "share of the group's mean |activation| removed (score)"),
-    "apoz": Method(("channel", "neuron"), True, None, False,
+    "apoz": Score(("channel", "neuron"), True, None, False,
                    "share of the group's non-zero activations removed, 1 - APoZ (Hu et al. 2016; score)"),
-    "block_influence": Method(("block",), True, None, False,
+    "block_influence": Score(("block",), True, None, False,
                               "1 - mean cos(block input, block output) (ShortGPT, Men et al. 2024; score)"),
-    "head_importance": Method(("head",), True, "sample", False,
+    "head_importance": Score(("head",), True, "sample", False,
                               "E_n |dl_n/dgate| of the removed heads (Michel et al. 2019; score, nats)"),
 }
 
@@ -84,9 +85,9 @@ def estimate(
     model: torch.nn.Module,
     data: Evaluator | Sequence[Any] | None,
     targets: list[Target] | None = None,
-    method: str = "fisher",
-    levels: Sequence[Level] = DEFAULT_LEVELS,
     *,
+    score: str = "fisher",
+    levels: Sequence[Level] = DEFAULT_LEVELS,
     criterion: str | None = None,
     metric: str | None = None,
     seed: int = 0,
@@ -106,12 +107,12 @@ def estimate(
             ``"kl"`` otherwise). ``None`` for the data-free ``"magnitude"`` only.
         targets: as for ``scan`` (default: every weight target, output layer excluded); structured
             targets come from ``find_targets(model, "channel" | "head" | "neuron" | "block")``.
-        method: one of :data:`METHODS` (see :func:`describe_methods`); each applies to some
+        score: one of :data:`SCORES` (see :func:`describe_scores`); each applies to some
             granularities only.
         levels: fractions or N:M patterns, as for ``scan`` (blocks: one level, removed whole).
         criterion: which elements (units) a level removes, as ``scan`` would remove them (default
             ``"magnitude"``): ``"magnitude"`` or ``"random"`` for weights, ``"magnitude"`` (= l2),
-            ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"`` for units. Every method scores that
+            ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"`` for units. Every score scores that
             removed set, so its estimate is for the same cell the scan measures. ``"obs"`` estimates
             SparseGPT's own pruning (its mask and its update of the kept weights) and takes only
             ``"sparsegpt"``, its default: compare it with ``scan(..., criterion="sparsegpt")``.
@@ -124,18 +125,18 @@ def estimate(
         ``"perplexity"`` through exp, ``"kl"`` for fisher); for accuracy they give the predicted
         cross-entropy change as a score. For a score, ``value`` is the score and ``change`` carries
         it with the sign of a drop, so ``profile.drop(cell)`` is the score and ``allocate`` and the
-        report work unchanged. Intervals are None. ``provenance`` holds the method, the loss
+        report work unchanged. Intervals are None. ``provenance`` holds the score, the loss
         differentiated, the units, the calibration samples and the seconds spent.
     """
     started = time.perf_counter()
-    spec = _method(method)
+    spec = _score(score)
     parsed_levels = parse_levels(levels)
     if data is None and spec.needs_data:
-        raise PrunescopeError(f"method {method!r} needs calibration data: give an Evaluator or a list of batches")
+        raise PrunescopeError(f"score {score!r} needs calibration data: give an Evaluator or a list of batches")
     if p <= 0:
         raise PrunescopeError(f"p must be positive (exponent of |w|); got {p}")
     evaluator = as_evaluator(model, data, metric) if data is not None else None
-    loss = _gradient_loss(method, spec, evaluator, seed)
+    loss = _gradient_loss(score, spec, evaluator, seed)
     example = evaluator.batches[0] if evaluator is not None else None
     if targets is None:
         targets = find_targets(model, example=example)
@@ -143,19 +144,19 @@ def estimate(
         raise PrunescopeError("targets is empty: give at least one Target (see find_targets)")
     granularity = _single_granularity(targets)
     if granularity not in spec.granularities:
-        fits = [name for name, m in METHODS.items() if granularity in m.granularities]
-        raise PrunescopeError(f"method {method!r} does not apply to {granularity} targets; for {granularity} targets use: {', '.join(fits)}")
-    criterion = _criterion(method, criterion)
+        fits = [name for name, m in SCORES.items() if granularity in m.granularities]
+        raise PrunescopeError(f"score {score!r} does not apply to {granularity} targets; for {granularity} targets use: {', '.join(fits)}")
+    criterion = _criterion(score, criterion)
     parsed_levels = _check_levels(model, targets, parsed_levels, granularity, criterion)
     removals = {} if granularity == "weight" else _unit_removals(model, targets, parsed_levels, granularity, criterion, seed, round_to)
     fingerprint = model_fingerprint(model)
     dense = evaluator.dense if evaluator is not None else None
 
-    with progress_bar(len(targets), f"estimate {method}", enabled=progress) as bar:
+    with progress_bar(len(targets), f"estimate {score}", enabled=progress) as bar:
         if granularity == "weight":
-            predictions = _predict_weights(model, evaluator, loss, targets, parsed_levels, method, criterion, seed, p, block_size, damp, bar)
+            predictions = _predict_weights(model, evaluator, loss, targets, parsed_levels, score, criterion, seed, p, block_size, damp, bar)
         else:
-            predictions = _predict_units(model, evaluator, loss, targets, removals, method, p, bar)
+            predictions = _predict_units(model, evaluator, loss, targets, removals, score, p, bar)
     costs = CostModel.of(model, example).to_dict()
     seconds = time.perf_counter() - started
     samples = dense.samples if spec.needs_data else 0
@@ -175,7 +176,7 @@ def estimate(
         cells.append(Cell(name, key, sparsity, value, change, None, None, samples, seconds / max(len(predictions), 1)))
     units = f"predicted change of {metric_name}" if in_metric_units else "score (rank only; drop = the score)"
     provenance = {
-        "method": method,
+        "score": score,
         "meaning": spec.meaning,
         "units": units,
         "loss": None if loss is None else loss.name,
@@ -190,8 +191,8 @@ def estimate(
         "prunescope": __version__,
         "torch": torch.__version__,
         **({"fisher": "per-sample empirical Fisher diagonal"} if spec.gradient == "sample" else {}),
-        **({"p": p} if method == "magnitude" else {}),
-        **({"block_size": block_size, "damp": damp} if method == "obs" else {}),
+        **({"p": p} if score == "magnitude" else {}),
+        **({"block_size": block_size, "damp": damp} if score == "obs" else {}),
     }
     return Profile(
         metric=metric_name,
@@ -208,46 +209,46 @@ def estimate(
     )
 
 
-def describe_methods() -> dict[str, str]:
-    """Method name -> what its number means and which granularities it takes."""
-    return {name: f"{m.meaning} [{', '.join(m.granularities)}]" for name, m in METHODS.items()}
+def describe_scores() -> dict[str, str]:
+    """Score name -> what its number means and which granularities it takes."""
+    return {name: f"{m.meaning} [{', '.join(m.granularities)}]" for name, m in SCORES.items()}
 
 
 # ---- validation ----------------------------------------------------------------------------
 
 
-def _method(method: str) -> Method:
-    if method not in METHODS:
-        raise PrunescopeError(f"unknown estimate method {method!r}; accepted: {', '.join(METHODS)}")
-    return METHODS[method]
+def _score(score: str) -> Score:
+    if score not in SCORES:
+        raise PrunescopeError(f"unknown estimate score {score!r}; accepted: {', '.join(SCORES)}")
+    return SCORES[score]
 
 
-def _gradient_loss(method: str, spec: Method, evaluator: Evaluator | None, seed: int):
+def _gradient_loss(score: str, spec: Score, evaluator: Evaluator | None, seed: int):
     if spec.gradient is None:
         return None
     loss = gradient_loss(evaluator, seed)
     if loss is None:
-        free = [name for name, m in METHODS.items() if m.gradient is None]
+        free = [name for name, m in SCORES.items() if m.gradient is None]
         raise PrunescopeError(
-            f"method {method!r} differentiates a log-likelihood, and metric {evaluator.metric.name!r} has none; "
-            f"use an Evaluator with metric loss, perplexity, accuracy or kl, or a method without gradients: {', '.join(free)}"
+            f"score {score!r} differentiates a log-likelihood, and metric {evaluator.metric.name!r} has none; "
+            f"use an Evaluator with metric loss, perplexity, accuracy or kl, or a score without gradients: {', '.join(free)}"
         )
     if spec.gradient == "first" and not loss.first_order:
         raise PrunescopeError(
-            f"method {method!r} is first-order, and metric {evaluator.metric.name!r} has zero gradient at the dense model; "
+            f"score {score!r} is first-order, and metric {evaluator.metric.name!r} has zero gradient at the dense model; "
             "use fisher (its second-order term) or a metric with labels (loss, perplexity, accuracy)"
         )
     return loss
 
 
-def _criterion(method: str, criterion: str | None) -> str:
-    if method != "obs":
+def _criterion(score: str, criterion: str | None) -> str:
+    if score != "obs":
         if criterion in ("wanda", "sparsegpt"):
-            raise PrunescopeError(f"method {method!r} scores a magnitude or random removal; criterion {criterion!r} is estimated by "
-                                  "method 'obs' (sparsegpt) only. Accepted: magnitude, random")
+            raise PrunescopeError(f"score {score!r} scores a magnitude or random removal; criterion {criterion!r} is estimated by "
+                                  "score 'obs' (sparsegpt) only. Accepted: magnitude, random")
         return criterion or "magnitude"
     if criterion not in (None, "sparsegpt"):
-        raise PrunescopeError(f"method 'obs' estimates SparseGPT's own pruning; its criterion is 'sparsegpt' (the default), not {criterion!r}")
+        raise PrunescopeError(f"score 'obs' estimates SparseGPT's own pruning; its criterion is 'sparsegpt' (the default), not {criterion!r}")
     return "sparsegpt"
 
 
@@ -260,8 +261,7 @@ def _single_granularity(targets: list[Target]) -> str:
 
 def _check_levels(model, targets, parsed_levels, granularity: str, criterion: str) -> list:
     if granularity == "weight":
-        if criterion not in WEIGHT_CRITERIA and criterion != "sparsegpt":
-            raise PrunescopeError(f"unknown criterion {criterion!r} for weight estimates; accepted: {', '.join(WEIGHT_CRITERIA)}")
+        check_criterion(criterion, "weight", calibration=criterion == "sparsegpt")  # obs estimates sparsegpt's removal
         for level in parsed_levels:
             if isinstance(level, NMPattern):
                 for t in targets:
@@ -269,7 +269,7 @@ def _check_levels(model, targets, parsed_levels, granularity: str, criterion: st
         for t in targets:
             weight_of(model, t)
         return parsed_levels
-    structured_criterion(criterion)
+    check_criterion(criterion, granularity)
     if any(isinstance(level, NMPattern) for level in parsed_levels):
         raise PrunescopeError(f"N:M levels apply to weights only; {granularity} targets take fractions of their units")
     return [1.0] if granularity == "block" else parsed_levels
@@ -290,44 +290,44 @@ def _unit_removals(model, targets, parsed_levels, granularity, criterion, seed, 
 # ---- predictions ---------------------------------------------------------------------------
 
 
-def _predict_units(model, evaluator, loss, targets, removals, method, p, bar) -> dict:
+def _predict_units(model, evaluator, loss, targets, removals, score, p, bar) -> dict:
     """(target, level key) -> (fraction of units removed, predicted number) for structured targets."""
     if targets[0].granularity == "block":
         influence = block_influence(model, evaluator.batches, [t.name for t in targets])
         bar.advance(len(targets))
         return {(t.name, BLOCK_LEVEL): (1.0, influence[t.name]) for t in targets}
-    unit_values = _unit_values(model, evaluator, loss, targets, method, p)
+    unit_values = _unit_values(model, evaluator, loss, targets, score, p)
     bar.advance(len(targets))
     return {key: (fraction, float(unit_values[key[0]][remove].sum()) if remove else 0.0) for key, (fraction, remove) in removals.items()}
 
 
-def _predict_weights(model, evaluator, loss, targets, parsed_levels, method, criterion, seed, p, block_size, damp, bar) -> dict:
+def _predict_weights(model, evaluator, loss, targets, parsed_levels, score, criterion, seed, p, block_size, damp, bar) -> dict:
     """(target, level key) -> (fraction removed, predicted number) for weight targets; each level's
     removed set is ``~keep_mask`` of the criterion (computed per target, not all held at once)."""
     names = [f"{t.name}.{t.parameter}" for t in targets]
     grads = fisher = {}
     moments = {}
-    if method in ("snip", "taylor", "fisher"):
-        stats = accumulate_gradients(model, evaluator, loss, names, mean=method != "fisher", fisher=method == "fisher")
+    if score in ("snip", "taylor", "fisher"):
+        stats = accumulate_gradients(model, evaluator, loss, names, mean=score != "fisher", fisher=score == "fisher")
         grads, fisher = stats.mean, stats.fisher
-    elif method in ("wanda", "obs"):
-        moments = input_moments(model, evaluator.batches, [t.name for t in targets], gram=method == "obs")
+    elif score in ("wanda", "obs"):
+        moments = input_moments(model, evaluator.batches, [t.name for t in targets], gram=score == "obs")
     predictions = {}
     for t, name in zip(targets, names, strict=True):
         weight = weight_of(model, t)
         module = model.get_submodule(t.name)
-        if method == "obs":
+        if score == "obs":
             for level in parsed_levels:
                 error = obs_error(module, moments[t.name], level, t.name, block_size, damp)
                 predictions[(t.name, level_key(level))] = (level_sparsity(level), error)
             bar.advance(1)
             continue
-        if method == "magnitude":
+        if score == "magnitude":
             scores = magnitude_scores(weight, p)
-        elif method == "wanda":
+        elif score == "wanda":
             scores = wanda_scores(module, moments[t.name])
         else:
-            scores = gradient_scores(method, weight, grads.get(name), fisher.get(name))
+            scores = gradient_scores(score, weight, grads.get(name), fisher.get(name))
         for level in parsed_levels:
             removed = ~keep_mask(weight, level, criterion, t.input_dim, seed=seed, key=t.name)
             predictions[(t.name, level_key(level))] = (level_sparsity(level), float(scores[removed.to(scores.device)].sum()))
@@ -335,19 +335,19 @@ def _predict_weights(model, evaluator, loss, targets, parsed_levels, method, cri
     return predictions
 
 
-def _unit_values(model, evaluator, loss, targets, method, p) -> dict[str, torch.Tensor]:
+def _unit_values(model, evaluator, loss, targets, score, p) -> dict[str, torch.Tensor]:
     """Per structured target, one number per unit; a level's prediction sums its removed units."""
     groups = [t.group for t in targets]
-    if method == "magnitude":
+    if score == "magnitude":
         return {g.name: magnitude_units(model, g, p) for g in groups}
     names = list(dict.fromkeys(n for g in groups for n in in_slice_tensors(g)))
-    if method in ("snip", "taylor", "fisher"):
-        stats = accumulate_gradients(model, evaluator, loss, names, mean=method != "fisher", fisher=method == "fisher")
-        return {g.name: gradient_units(model, g, method, stats.mean, stats.fisher) for g in groups}
-    if method == "head_importance":
+    if score in ("snip", "taylor", "fisher"):
+        stats = accumulate_gradients(model, evaluator, loss, names, mean=score != "fisher", fisher=score == "fisher")
+        return {g.name: gradient_units(model, g, score, stats.mean, stats.fisher) for g in groups}
+    if score == "head_importance":
         on_gradient, result = gate_gradients(model, groups)
         gradient_pass(model, evaluator, loss, names, on_gradient, per_sample=True)
         return result()
     consumers = list(dict.fromkeys(m for g in groups for m, _, _ in consumer_features(model, g)))
     stats = feature_activations(model, evaluator.batches, consumers)
-    return {g.name: activation_units(model, g, stats, method) for g in groups}
+    return {g.name: activation_units(model, g, stats, score) for g in groups}

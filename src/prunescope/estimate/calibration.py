@@ -19,8 +19,7 @@ The gradient loss follows the metric where the metric is a differentiable log-li
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,24 +164,3 @@ def split_samples(batch: Any) -> list[Any]:
     if isinstance(batch, (tuple, list)):
         return [type(batch)(take(part, i) for part in batch) for i in range(size)]
     return [take(batch, i) for i in range(size)]
-
-
-# ---- leaving the model alone ---------------------------------------------------------------
-
-
-@contextmanager
-def analysis_mode(model: torch.nn.Module, grad_tensors: Sequence[torch.Tensor] = ()) -> Iterator[None]:
-    """Eval mode for every module and ``requires_grad`` on ``grad_tensors`` for the duration;
-    every module's training flag and every parameter's ``requires_grad`` are restored on exit."""
-    training = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for tensor in grad_tensors:
-            tensor.requires_grad_(True)
-        yield
-    finally:
-        for module, flag in training:
-            module.training = flag
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)

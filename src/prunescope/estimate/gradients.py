@@ -26,7 +26,8 @@ import torch
 from ..batches import run_model
 from ..errors import PrunescopeError, forward_failed
 from ..evaluator import Evaluator
-from .calibration import GradientLoss, analysis_mode, split_samples
+from ..modes import eval_mode
+from .calibration import GradientLoss, split_samples
 
 OnGradient = Callable[[dict[str, torch.Tensor], float], None]
 """Called per chunk with the gradients of ``sum_{n in chunk} w_n l_n`` and the chunk's weight."""
@@ -70,7 +71,7 @@ def gradient_pass(
     """
     tensors = parameters_by_name(model, names)
     samples, total_weight, total_loss, index = 0, 0.0, 0.0, 0
-    with analysis_mode(model, tensors), torch.enable_grad():
+    with eval_mode(model, tensors), torch.enable_grad():
         for batch_index, batch in enumerate(evaluator.batches):
             for chunk in split_samples(batch) if per_sample else [batch]:
                 try:

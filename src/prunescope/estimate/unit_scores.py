@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import PrunescopeError
+from ..layer_kinds import is_conv1d
 from ..structure.groups import UnitGroup
-from ..structure.transformer_find import is_conv1d
 from .activations import FeatureActivations
 
 

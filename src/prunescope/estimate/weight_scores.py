@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layer_kinds import is_conv1d
 from ..levels import Level
-from ..structure.transformer_find import is_conv1d
 from .activations import InputMoments, row_diag, weight_matrix
 
 

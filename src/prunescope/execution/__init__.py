@@ -28,11 +28,11 @@ from ..errors import PrunescopeError
 from ..profile import Cell
 from ..progress import progress_bar
 from ..store import CellStore
-from ..targets import Target
+from ..target import Target
 from .events import CellFinished, TargetFailed, TargetFinished, Task
 
 if TYPE_CHECKING:
-    from ..scan import TargetRunner
+    from ..cell_runner import TargetRunner
 
 EXECUTORS = ("local", "ray")
 
@@ -121,7 +121,7 @@ def _replay_summary(replays: list[dict]) -> dict | None:
         return None
     refused = {tuple(r["refused"]) for r in replays if r["refused"]}
     if refused:
-        from ..scan import refused_replay_warning
+        from ..cell_measure import refused_replay_warning
 
         warnings.warn(refused_replay_warning(refused), stacklevel=4)
     return {"units": max(r["units"] for r in replays), "targets_replaying": sum(1 for r in replays if r["replaying"]),

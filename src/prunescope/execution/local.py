@@ -35,8 +35,8 @@ from .events import CellFinished, Event, TargetFailed, TargetFinished, Task, des
 from .worker import BROKEN, measure
 
 if TYPE_CHECKING:
-    from ..scan import TargetRunner
-    from ..targets import Target
+    from ..cell_runner import TargetRunner
+    from ..target import Target
 
 ATTEMPTS = 2
 """A target is measured at most this many times (the first try and one retry)."""

@@ -21,9 +21,9 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import PrunescopeError
 
 if TYPE_CHECKING:
+    from ..cell_runner import ScanSettings, TargetRunner
     from ..evaluator import Evaluator
-    from ..scan import ScanSettings, TargetRunner
-    from ..targets import Target
+    from ..target import Target
 
 
 @dataclass
@@ -85,7 +85,7 @@ def unpack(data: bytes) -> WorkerContext:
 
 def runner_of(context: WorkerContext, threads: int) -> TargetRunner:
     """A TargetRunner on the context's own model copy, running torch on ``threads`` threads."""
-    from ..scan import TargetRunner
+    from ..cell_runner import TargetRunner
 
     torch.set_num_threads(threads)
     return TargetRunner(context.model, context.evaluator, context.targets, context.settings,

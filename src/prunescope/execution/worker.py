@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 from .events import CellFinished, TargetFailed, TargetFinished, Task, describe
 
 if TYPE_CHECKING:
-    from ..scan import TargetRunner
-    from ..targets import Target
+    from ..cell_runner import TargetRunner
+    from ..target import Target
 
 BROKEN = "broken"
 """First element of the message a worker sends when it cannot load the payload."""

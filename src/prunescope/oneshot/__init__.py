@@ -7,12 +7,12 @@
 
 from .hessian import InputStats, StatsCollector, collect_input_stats
 from .layers import LayerResult
-from .prune_layer import ONESHOT_CRITERIA, prune_rows
+from .prune_layer import prune_rows
 from .sequential import LayerReport, OneShotReport, prune_oneshot
 from .sparsegpt import sparsegpt_prune
 from .wanda import wanda_keep, wanda_prune
 
 __all__ = [
-    "InputStats", "LayerReport", "LayerResult", "ONESHOT_CRITERIA", "OneShotReport", "StatsCollector",
+    "InputStats", "LayerReport", "LayerResult", "OneShotReport", "StatsCollector",
     "collect_input_stats", "prune_oneshot", "prune_rows", "sparsegpt_prune", "wanda_keep", "wanda_prune",
 ]

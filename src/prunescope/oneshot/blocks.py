@@ -57,7 +57,7 @@ def find_block_stack(model: nn.Module, blocks: str | None = None) -> BlockStack:
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) == 0:
             raise PrunescopeError(f"blocks={blocks!r} must name a non-empty nn.ModuleList or nn.Sequential; it is a {type(container).__name__}")
         return BlockStack(blocks, [(f"{blocks}.{i}", block) for i, block in enumerate(container)])
-    from ..structure.transformer_find import find_layer_lists
+    from ..structure.transformer_layout import find_layer_lists
 
     try:
         lists = find_layer_lists(model)

@@ -122,9 +122,9 @@ def collect_input_stats(
 
     Train/eval flags are restored afterwards; nothing else of the model is touched.
     """
-    from ..evaluator import _eval_mode
+    from ..modes import eval_mode
 
-    with StatsCollector(modules, hessian) as collector, _eval_mode(model), torch.no_grad():
+    with StatsCollector(modules, hessian) as collector, eval_mode(model), torch.no_grad():
         for index, batch in enumerate(batches):
             try:
                 run_model(model, batch)

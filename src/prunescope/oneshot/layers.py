@@ -8,15 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunescopeError
-from ..structure.transformer_find import is_conv1d
-
-LINEAR_KINDS = ("Linear", "Conv1D")
-"""Class names of the layers one-shot criteria accept (Conv1D: Hugging Face GPT-2, weight stored [in, out])."""
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and Hugging Face ``Conv1D``: layers computing ``x @ W^T`` on the last axis."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+from ..layer_kinds import is_conv1d, is_linear_like
 
 
 def check_linear_like(name: str, module: nn.Module, criterion: str) -> None:

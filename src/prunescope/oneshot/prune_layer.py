@@ -6,27 +6,14 @@ import warnings
 
 import torch
 
+from ..criteria import check_criterion
 from ..errors import PrunescopeError
 from ..levels import Level
-from ..masks import CALIBRATED_CRITERIA, keep_mask
+from ..masks import keep_mask
 from .hessian import InputStats
 from .layers import LayerResult
 from .sparsegpt import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, sparsegpt_prune
 from .wanda import wanda_prune
-
-ONESHOT_CRITERIA = ("magnitude", "wanda", "sparsegpt")
-
-
-def check_oneshot_criterion(criterion: str) -> str:
-    """Refuse a criterion one-shot pruning does not know."""
-    if criterion not in ONESHOT_CRITERIA:
-        raise PrunescopeError(f"unknown one-shot criterion {criterion!r}; accepted: {', '.join(ONESHOT_CRITERIA)}")
-    return criterion
-
-
-def needs_data(criterion: str) -> bool:
-    """True for criteria that rank weights from calibration statistics (wanda, sparsegpt)."""
-    return criterion in CALIBRATED_CRITERIA
 
 
 def needs_hessian(criterion: str) -> bool:
@@ -48,7 +35,7 @@ def prune_rows(
 
     ``magnitude`` removes the smallest ``|w|`` of the whole tensor (or N:M groups) and needs no data.
     """
-    check_oneshot_criterion(criterion)
+    check_criterion(criterion, "weight", oneshot=True)
     if criterion == "magnitude":
         keep = keep_mask(weight, level, "magnitude", input_dim=1, key=name)
         return LayerResult(weight.detach() * keep, keep)

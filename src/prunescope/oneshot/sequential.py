@@ -21,15 +21,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..criteria import check_criterion, is_calibrated
 from ..errors import PrunescopeError, forward_failed
+from ..layer_kinds import is_conv1d, is_linear_like
 from ..levels import Level, NMPattern, level_key, parse_level
 from ..masks import check_nm_compatible
+from ..plan import Plan
 from ..progress import progress_bar
-from ..structure.transformer_find import is_conv1d
 from .blocks import BlockStack, capture_inputs, find_block_stack, run_block, with_stream
 from .hessian import StatsCollector
-from .layers import in_features, is_linear_like, weight_rows, write_rows
-from .prune_layer import check_oneshot_criterion, needs_data, needs_hessian, prune_rows
+from .layers import in_features, weight_rows, write_rows
+from .prune_layer import needs_hessian, prune_rows
 from .sparsegpt import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, check_sparsegpt_options
 
 
@@ -50,6 +52,8 @@ class LayerReport:
     dead_inputs: int
     tokens: int
     seconds: float
+    params: int = 0
+    """Elements of the layer's weight."""
 
 
 @dataclass
@@ -61,9 +65,17 @@ class OneShotReport:
     calibration_batches: int
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+    """SparseGPT's ``block_size`` and ``damp`` when the criterion is sparsegpt."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_plan(self, **details: Any) -> Plan:
+        """The plan this pruning amounts to (method ``"oneshot"``): each layer's level, its
+        parameter count and the criterion's options; ``details`` are recorded with it."""
+        return Plan({layer.name: layer.level for layer in self.layers}, {layer.name: layer.params for layer in self.layers},
+                    self.criterion, method="oneshot", options=dict(self.options), details=details)
 
 
 def _in_stack(name: str, stack: BlockStack) -> str | None:
@@ -128,9 +140,9 @@ def select_layers(
 def prune_oneshot(
     model: nn.Module,
     batches: Iterable[Any] | None,
+    *,
     criterion: str,
     level: Level | Mapping[str, Level],
-    *,
     include: Iterable[str] | str | None = None,
     exclude: Iterable[str] | str | None = None,
     blocks: str | None = None,
@@ -139,8 +151,9 @@ def prune_oneshot(
     inplace: bool = False,
     mask: bool = False,
     progress: bool = False,
-) -> tuple[nn.Module, OneShotReport]:
-    """Prune every Linear layer of a model's blocks in one shot; return (pruned model, report).
+) -> nn.Module:
+    """Prune every Linear layer of a model's blocks in one shot and return the pruned model, whose
+    ``prunescope_report`` attribute is the :class:`OneShotReport` (per-layer results, seconds).
 
     Args:
         model: a model made of a stack of blocks (Hugging Face transformers are found automatically).
@@ -165,14 +178,14 @@ def prune_oneshot(
 
     Train/eval flags are restored; calibration runs in eval mode without gradients.
     """
-    check_oneshot_criterion(criterion)
+    check_criterion(criterion, "weight", oneshot=True)
     check_sparsegpt_options(block_size, damp)
     if not isinstance(model, nn.Module):
         raise PrunescopeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     stack = find_block_stack(model, blocks)
     levels = select_layers(model, stack, level, include, exclude)
     calibration: list[Any] = []
-    if needs_data(criterion):
+    if is_calibrated(criterion):
         if batches is None or isinstance(batches, (torch.Tensor, Mapping)):
             raise PrunescopeError(f"criterion {criterion!r} calibrates on data: give batches as a list of batches")
         calibration = list(batches)
@@ -184,12 +197,13 @@ def prune_oneshot(
     if masked:
         raise PrunescopeError(f"{masked[0]}.weight is already masked; call make_permanent first")
     stack = BlockStack(stack.path, [(n, modules[n] if n else result) for n, _ in stack.blocks])
-    report = OneShotReport(criterion, stack.path, len(calibration))
+    report = OneShotReport(criterion, stack.path, len(calibration),
+                           options={"block_size": block_size, "damp": damp} if criterion == "sparsegpt" else {})
     started = time.perf_counter()
-    from ..evaluator import _eval_mode
+    from ..modes import eval_mode
 
-    with _eval_mode(result), torch.no_grad():
-        if not needs_data(criterion):
+    with eval_mode(result), torch.no_grad():
+        if not is_calibrated(criterion):
             with progress_bar(len(levels), "prune", progress) as bar:
                 for name, lv in levels.items():
                     report.layers.append(_prune_layer(modules[name], name, lv, criterion, None, block_size, damp, mask))
@@ -197,7 +211,8 @@ def prune_oneshot(
         elif levels:  # a plan may leave every layer dense (level 0): then nothing runs
             _calibrated(result, stack, calibration, levels, modules, criterion, block_size, damp, mask, report, progress)
     report.seconds = time.perf_counter() - started
-    return result, report
+    result.prunescope_report = report
+    return result
 
 
 def _calibrated(model, stack, calibration, levels, modules, criterion, block_size, damp, mask, report, progress) -> None:
@@ -244,5 +259,5 @@ def _prune_layer(module, name, level, criterion, stats, block_size, damp, mask) 
     return LayerReport(
         name=name, level=level_key(level), sparsity=1.0 - float(result.keep.float().mean()), error=result.error,
         damp=result.damp, dead_inputs=result.dead_inputs, tokens=0 if stats is None else stats.tokens,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, params=module.weight.numel(),
     )

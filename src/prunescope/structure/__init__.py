@@ -7,8 +7,9 @@ from .channel_shrink import count_flops, predicted_params, shrink_channels
 from .channels import find_channel_groups, refused_channel_groups
 from .groups import Slice, UnitGroup
 from .residual_blocks import find_residual_blocks, shrink_residual_blocks
-from .transformer_find import HEAD_MODES, TRANSFORMER_GRANULARITIES, find_transformer_groups
+from .transformer_find import find_transformer_groups
 from .transformer_io import load_shrunk, save_shrunk
+from .transformer_layout import HEAD_MODES, TRANSFORMER_GRANULARITIES
 from .transformer_mask import mask_units
 from .transformer_shrink import shrink_transformer
 from .unit_criteria import UNIT_CRITERIA, unit_scores, units_to_remove

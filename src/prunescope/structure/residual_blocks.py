@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from ..batches import run_model
 from ..errors import PrunescopeError, forward_failed
+from ..modes import eval_mode
 from .groups import UnitGroup
 from .transformer_find import block_group
 from .transformer_mask import check_removal
@@ -91,10 +92,8 @@ def _shape_preserving(model: nn.Module, example: Any, candidates: Mapping[str, n
         return hook
 
     handles = [module.register_forward_hook(hook_for(name)) for name, module in candidates.items()]
-    flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             run_model(model, example)
     except PrunescopeError:
         raise
@@ -103,8 +102,6 @@ def _shape_preserving(model: nn.Module, example: Any, candidates: Mapping[str, n
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in flags:
-            module.training = flag
     return same
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..atomic import write_bytes_atomic, write_text_atomic
 from ..errors import PrunescopeError
-from .transformer_find import find_attention, find_feed_forward, find_layer_lists
+from .transformer_layout import find_attention, find_feed_forward, find_layer_lists
 from .transformer_shrink import KEPT_BLOCKS_ATTRIBUTE, config_describes, layer_counts, shrink_in_place
 
 SPEC_FILE = "prunescope.json"

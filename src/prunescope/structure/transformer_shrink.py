@@ -11,22 +11,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import PrunescopeError
+from ..layer_kinds import is_conv1d
 from .groups import UnitGroup
 from .pruned_attention import HeadPrunedAttention
-from .transformer_find import (
+from .transformer_find import block_group, check_head_mode, head_group, neuron_group
+from .transformer_layout import (
     Attention,
     FeedForward,
     LayerList,
-    block_group,
-    check_head_mode,
     find_attention,
     find_feed_forward,
     find_layer_lists,
-    head_group,
     in_dim,
-    is_conv1d,
     iter_layers,
-    neuron_group,
     out_dim,
     out_features,
 )
