@@ -311,7 +311,7 @@ def test_model_without_blocks_is_one_block():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"criterion": "obs"}, "unknown one-shot criterion 'obs'; accepted: magnitude, wanda, sparsegpt"),
+        ({"criterion": "obs"}, "unknown criterion 'obs' for one-shot pruning; accepted: magnitude, wanda, sparsegpt"),
         ({"batches": None}, "criterion 'sparsegpt' calibrates on data"),
         ({"batches": []}, "calibration batches are empty"),
         ({"level": 1.2}, "outside (0, 1)"),
@@ -394,7 +394,7 @@ def test_calibrated_criteria_are_refused_where_they_cannot_work(small_cnn):
         ps.scan(model, evaluator, levels=[0.5], criterion="wanda")
     llama = tiny_llama()
     heads = ps.find_targets(llama, "head")
-    with pytest.raises(ps.PrunescopeError, match="'sparsegpt' prunes elements of Linear weights; head targets take"):
+    with pytest.raises(ps.PrunescopeError, match="'sparsegpt' applies to weight targets, not head targets; accepted: magnitude, random, l1, l2"):
         ps.scan(llama, ps.Evaluator(llama, token_batches(), "perplexity"), heads, levels=[0.5], criterion="sparsegpt")
     with pytest.raises(ps.PrunescopeError, match="needs the statistics of each layer's inputs"):
         keep_mask(torch.randn(4, 4), 0.5, "wanda")
@@ -445,6 +445,6 @@ def test_cli_prune_one_shot_without_a_plan(tmp_path):
         assert (_nm_counts(weights[f"{name}.weight"] != 0, 4) == 2).all(), name
     assert ps.Plan.load(out / "plan.json").method == "oneshot"
     bad = invoke("prune", *common, "--level", "0.5", "--criterion", "obs", "--out", tmp_path / "bad")
-    assert bad.exit_code == 2 and "unknown one-shot criterion" in bad.output and not (tmp_path / "bad").exists()
+    assert bad.exit_code == 2 and "unknown criterion 'obs' for one-shot" in bad.output and not (tmp_path / "bad").exists()
     bad = invoke("prune", *common, "--level", "0.5", "--calibration-samples", 4, "--first-window", 1, "--out", tmp_path / "bad")
     assert bad.exit_code == 2 and "overlap the calibration windows" in bad.output

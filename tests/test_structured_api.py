@@ -120,7 +120,7 @@ def test_structured_bad_input(llama, small_cnn, tmp_path):
     with pytest.raises(ps.PrunescopeError, match="use method 'threshold'"):
         ps.allocate(profile, 0.5, method="uniform")
     weight_plan = ps.allocate(ps.scan(model, evaluator, ps.find_targets(model, include="*.mlp.*"), levels=(0.5,)), 0.5, method="uniform")
-    with pytest.raises(ps.PrunescopeError, match="weight plan applies as mode 'mask'"):
+    with pytest.raises(ps.PrunescopeError, match="a weight plan applies as masks"):
         ps.apply(model, weight_plan, shrink=True)
     assert json.loads(weight_plan.to_json())["granularity"] == "weight"
 

@@ -65,6 +65,12 @@ def check_criterion(name: object, granularity: str = "weight", *, oneshot: bool 
         if isinstance(name, str) and name in CRITERIA and CRITERIA[name].calibration and not calibration:
             extra = (" (it needs the statistics of each layer's inputs on calibration data: use scan(..., calibration=), "
                      "apply(..., calibration=batches) or prune_oneshot)")
+        known = CRITERIA.get(name) if isinstance(name, str) else None
+        if known is not None and granularity not in known.granularities:
+            raise PrunescopeError(f"criterion {name!r} applies to {', '.join(known.granularities)} targets, not {granularity} "
+                                  f"targets; accepted: {', '.join(names)}")
+        if known is not None and oneshot and not known.oneshot:
+            raise PrunescopeError(f"criterion {name!r} is not applied by one-shot pruning; accepted: {', '.join(names)}")
         raise PrunescopeError(f"unknown criterion {name!r} for {where}{extra}; accepted: {', '.join(names)}")
     return ALIASES.get((name, granularity), name)
 
