@@ -67,7 +67,7 @@ def color_norm(values: np.ndarray, noise: float | None = None) -> Normalize:
 def _text_color(rgba: tuple[float, ...]) -> str:
     """Black on light cells, white on dark ones (relative luminance of the cell colour)."""
     r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3])
-    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.25 else "white"
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"  # >= 4.5:1 contrast either way
 
 
 def heatmap_figure(profile: Profile) -> plt.Figure:
@@ -87,8 +87,9 @@ def heatmap_figure(profile: Profile) -> plt.Figure:
     row_in = min(max(24.0 / max(len(names), 1), _ROW_INCHES[0]), _ROW_INCHES[1])
     texts = {(i, j): scale(v * 10.0**scale.exponent) for (i, j), v in np.ndenumerate(grid) if not np.isnan(v)}
     col_in = max(0.5, 0.075 * max(map(len, texts.values()), default=1) + 0.2)
-    height = row_in * len(names) + 1.7
+    height = row_in * len(names) + 1.9
     fig, ax = plt.subplots(figsize=(1.2 + col_in * len(levels) + 1.4, height))
+    fig.subplots_adjust(top=1 - 1.1 / height, bottom=0.8 / height)  # margins in inches: rows get the rest
     cmap = plt.get_cmap(CMAP).with_extremes(bad="#d9d9d9")
     image = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     label_pt = min(9.0, 72 * row_in * 0.7)
@@ -104,7 +105,7 @@ def heatmap_figure(profile: Profile) -> plt.Figure:
     # at most ~6 inches long and at the top, where a reader of a tall figure starts
     bar = fig.colorbar(image, ax=ax, fraction=0.08 if len(levels) < 6 else 0.05, shrink=min(1.0, 6.0 / height),
                        anchor=(0.0, 1.0))
-    label = (shown.label + scale.suffix).replace(" (higher", "\n(higher")
+    label = shown.label.replace(" (higher", "\n(higher") + (f"\n({scale.suffix})" if scale.suffix else "")
     bar.set_label(label + (f"\nlinear within ±{norm.linthresh:.2g}, log beyond" if log else ""))
     if log:
         bar.set_ticks(symlog_ticks(norm.linthresh, norm.vmax))

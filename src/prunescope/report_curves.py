@@ -106,7 +106,7 @@ def sensitivity_figure(profile: Profile, plan: Plan | None = None) -> plt.Figure
     if len(levels) <= 1:
         fig, ax = plt.subplots(figsize=(8, min(max(0.22 * len(profile.targets) + 1.5, 3.5), 40)))
         _bars(ax, profile, shown, factor, next(iter(levels)) if levels else profile.levels[0])
-        ax.set_xlabel(shown.label + scale.suffix)
+        ax.set_xlabel(shown.label + (f" ({scale.suffix})" if scale.suffix else ""))
         ax.set_title(f"{shown.label} when one {noun} is removed ({level_axis(profile)})\n{context(profile)}", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         return fig
@@ -156,7 +156,9 @@ def sensitivity_figure(profile: Profile, plan: Plan | None = None) -> plt.Figure
     ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, title=title,
               title_fontsize=8, frameon=False)
     ax.set_xlabel(level_axis(profile))
-    ax.set_ylabel(shown.label + scale.suffix + (" (symlog)" if threshold is not None else ""))
+    notes = [scale.suffix] if scale.suffix else []
+    notes += ["symlog"] if threshold is not None else []
+    ax.set_ylabel(shown.label + (f" ({', '.join(notes)})" if notes else ""))
     nm = any(is_nm_key(lv) for lv in profile.levels)
     notes = [context(profile)] + (["N:M levels are in the heatmap"] if nm else [])
     ax.set_title(f"{shown.label} when one {noun} is pruned, the rest dense\n" + "; ".join(notes), fontsize=9)

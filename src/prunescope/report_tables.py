@@ -17,17 +17,18 @@ from .report_text import (
     compact_count,
     dense_text,
     estimate_note,
-    is_score,
     names_note,
     noise_level,
     quantity,
     scale_for,
+    shared_prefix,
     short_names,
+    tail_width,
     unit_noun,
 )
 
 _GAP = 2  # characters between two columns
-_MIN_NAME = 14  # narrowest target column before levels are left out instead
+_MIN_NAME = 12  # a target column is at least this wide, or as wide as the names' distinguishing tails
 
 
 class FitToWidth:
@@ -40,9 +41,21 @@ class FitToWidth:
         yield self.build(options.max_width)
 
 
-def _table(title: str, width: int) -> Table:
+def _table(title: str) -> Table:
     return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
-                 min_width=min(len(title), width), title_justify="left", caption_justify="left")
+                 title_justify="left", caption_justify="left")
+
+
+def _fill(table: Table, headers: list[str], rows: list[list[str]], room: int) -> None:
+    """Right-aligned number columns exactly as wide as their widest entry (never wrapped or cut), and
+    a target column at most ``room`` wide that takes the slack a longer title leaves, then the rows."""
+    widths = [max([len(header), *(len(r[j]) for r in rows)]) for j, header in enumerate(headers)]
+    slack = len(str(table.title or "")) - sum(widths[1:]) - _GAP * (len(headers) - 1)
+    table.add_column(headers[0], no_wrap=True, overflow="ellipsis", max_width=room, min_width=min(room, max(widths[0], slack)))
+    for header, width in zip(headers[1:], widths[1:], strict=True):
+        table.add_column(header, justify="right", no_wrap=True, width=width)
+    for row in rows:
+        table.add_row(*row)
 
 
 def _spread(count: int, keep: int) -> list[int]:
@@ -82,8 +95,9 @@ def _profile_table(profile: Profile, max_rows: int, width: int) -> Table:
             halves[cell.target] = max(halves.get(cell.target, 0.0), (interval[1] - interval[0]) / 2)
     ci = f"±{profile.confidence:.0%}"
     params = {t.name: compact_count(t.params) for t in targets}
-    longest = max((len(t.name) for t in targets), default=6)
-    wanted = min(longest, _MIN_NAME)
+    names = [t.name for t in targets]
+    prefix = shared_prefix(names)
+    wanted = min(max((len(n) - len(prefix) for n in names), default=6), max(tail_width(names), _MIN_NAME))
     best = scale_for([*grid.values(), *halves.values()], noise_level(profile))
     for scale in (best, replace(best, decimals=max(best.decimals - 1, 0))):
         keep, room = _layout(targets, levels, {k: scale(v) for k, v in grid.items()}, params, halves, scale, ci, width, wanted)
@@ -92,20 +106,15 @@ def _profile_table(profile: Profile, max_rows: int, width: int) -> Table:
     text = {key: scale(v) for key, v in grid.items()}
     names = short_names([t.name for t in targets], max(room, 8))
 
-    dense = "" if is_score(profile) else f", dense {dense_text(profile)}"
-    table = _table(f"{shown.label}{scale.suffix} when one {unit_noun(profile)} is pruned{dense}", width)
-    table.add_column("target", no_wrap=True, overflow="ellipsis", max_width=max(room, 8))
-    table.add_column("params", justify="right", no_wrap=True)
-    for i in keep:
-        table.add_column(levels[i], justify="right", no_wrap=True)
-    if halves:
-        table.add_column(ci, justify="right", no_wrap=True)
+    dense = f", dense {dense_text(profile)}" if dense_text(profile) else ""
+    table = _table(f"{shown.label} when one {unit_noun(profile)} is pruned{dense}")
+    rows = []
     for target in targets:
         row = [names[target.name], params[target.name], *(text.get((target.name, levels[i]), "-") for i in keep)]
-        if halves:
-            row.append(scale(halves[target.name]) if target.name in halves else "")
-        table.add_row(*row)
+        rows.append(row + ([scale(halves[target.name]) if target.name in halves else ""] if halves else []))
+    _fill(table, ["target", "params", *(levels[i] for i in keep), *([ci] if halves else [])], rows, max(room, 8))
     captions = [estimate_note(profile)] if profile.kind == "estimated" else []
+    captions.append(scale.suffix)
     if halves:
         captions.append(f"{ci}: the widest interval half-width of the row")
     if len(keep) < len(levels):
@@ -133,12 +142,8 @@ def _plan_table(plan: Plan, max_rows: int, width: int) -> Table:
     room = width - _GAP * 2 - max(map(len, ["params", *params.values()])) - max(map(len, ["level", *levels.values()]))
     names = short_names([name for name, _ in rows], max(room, 8))
     title = f"plan ({plan.method}): {plan.sparsity:.1%} of {compact_count(sum(plan.params.values()))} prunable parameters removed"
-    table = _table(title, width)
-    table.add_column("target", no_wrap=True, overflow="ellipsis", max_width=max(room, 8))
-    table.add_column("params", justify="right", no_wrap=True)
-    table.add_column("level", justify="right", no_wrap=True)
-    for name, _ in rows:
-        table.add_row(names[name], params[name], levels[name])
+    table = _table(title)
+    _fill(table, ["target", "params", "level"], [[names[n], params[n], levels[n]] for n, _ in rows], max(room, 8))
     captions = []
     if len(plan.levels) > max_rows:
         captions.append(f"{len(plan.levels) - max_rows} more targets in the plan file")

@@ -99,8 +99,8 @@ class Scale:
 
     @property
     def suffix(self) -> str:
-        """The multiplier to name beside the label ("" when there is none), e.g. " [×1e-3]"."""
-        return f" [×1e{self.exponent}]" if self.exponent else ""
+        """What to say about the multiplier ("" when there is none): "values in units of 1e-3"."""
+        return f"values in units of 1e{self.exponent}" if self.exponent else ""
 
     def plain(self, value: float) -> float:
         """``value`` in the scale's units."""
@@ -136,7 +136,10 @@ def scale_for(values: Iterable[float], noise: float | None = None) -> Scale:
 
 
 def dense_text(profile: Profile) -> str:
-    """The dense model's metric as a person reads it: "accuracy 99.17%", "perplexity 12.3"."""
+    """The dense model's metric as a person reads it: "accuracy 99.17%", "perplexity 12.3"; "" for
+    a score or a distance to the dense model itself (kl, cosine: 0 by definition)."""
+    if is_score(profile) or profile.metric in ("kl", "cosine"):
+        return ""
     if profile.metric == "accuracy":
         return f"accuracy {profile.dense_value:.2%}"
     return f"{profile.metric} {profile.dense_value:.4g}"
@@ -169,6 +172,15 @@ def shared_prefix(names: Sequence[str]) -> str:
     while all(len(p) > count + 1 and p[count] == split[0][count] for p in split):
         count += 1
     return ".".join(split[0][:count]) + "." if count else ""
+
+
+def tail_width(names: Sequence[str]) -> int:
+    """Characters the longest distinguishing tail needs: with the shared prefix dropped, the
+    fewest trailing components no other name ends with, plus one for a leading "…"."""
+    prefix = shared_prefix(names)
+    split = [name[len(prefix):].split(".") for name in names]
+    tails = Counter(tuple(p[-k:]) for p in split for k in range(1, len(p) + 1))
+    return max((len(".".join(p[-_unique_tail(p, tails):])) + 1 for p in split), default=1)
 
 
 def short_names(names: Sequence[str], width: int) -> dict[str, str]:
