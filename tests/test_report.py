@@ -140,7 +140,7 @@ def test_a_block_profile_is_drawn_as_bars_of_whole_blocks():
                            granularity="block", metric="perplexity", higher_is_better=False)
     fig = sensitivity_figure(profile)
     ax = fig.axes[0]
-    assert "block removed whole" in ax.get_title() and len(ax.patches) == 6
+    assert "block is removed whole" in ax.get_title() and len(ax.patches) == 6
     assert [round(p.get_width(), 6) for p in ax.patches] == [round(0.1 * i, 6) for i in range(6)]
     plt.close(fig)
 

@@ -44,6 +44,7 @@ CMAP = "RdBu_r"  # diverging: red = worse, blue = better, white = unchanged
 _ROW_INCHES = (0.14, 0.32)  # a heatmap row's height: the least (7 pt labels) and the most
 _TEXT_ROW_INCHES = 0.2  # rows lower than this get no printed values
 _NAME_CHARS = 48
+_MAX_INCHES = 80  # the rows of a heatmap of 500+ targets share this height (labels thin out below 4 pt)
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -84,7 +85,7 @@ def heatmap_figure(profile: Profile) -> plt.Figure:
     grid = grid / 10.0**scale.exponent
     norm = color_norm(grid, None if noise is None else scale.plain(noise))
 
-    row_in = min(max(24.0 / max(len(names), 1), _ROW_INCHES[0]), _ROW_INCHES[1])
+    row_in = min(max(24.0 / max(len(names), 1), _ROW_INCHES[0]), _ROW_INCHES[1], _MAX_INCHES / max(len(names), 1))
     texts = {(i, j): scale(v * 10.0**scale.exponent) for (i, j), v in np.ndenumerate(grid) if not np.isnan(v)}
     col_in = max(0.5, 0.075 * max(map(len, texts.values()), default=1) + 0.2)
     height = row_in * len(names) + 1.9
@@ -118,7 +119,7 @@ def heatmap_figure(profile: Profile) -> plt.Figure:
             rgba = cmap(norm(value)) if np.isfinite(value) else cmap(1.0 if value > 0 else 0.0)
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color=_text_color(rgba))
     else:
-        notes.append("values not printed: rows too small (see profile.csv)")
+        notes.append("values not printed: rows too small (see the table or the CSV)")
     ax.set_title(f"{shown.label} when one {unit_noun(profile)} is pruned, the rest dense\n" + "; ".join(notes), fontsize=9)
     return fig
 

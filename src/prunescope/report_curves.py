@@ -94,6 +94,16 @@ def _bars(ax: plt.Axes, profile: Profile, shown: Quantity, factor: float, level:
     ax.axvline(0, color="black", lw=0.8)
 
 
+def _log_axis(ax: plt.Axes, threshold: float) -> None:
+    """A symmetric-log y axis, linear within +-``threshold``, with plain-number ticks."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
+    ax.set_yscale("symlog", linthresh=threshold)
+    bottom, top = min(min(ys), -threshold) * 1.5, max(ys) * 1.5
+    ax.set_yticks([t for t in symlog_ticks(threshold, top) if t >= bottom])
+    ax.set_ylim(bottom, top)
+    ax.yaxis.set_major_formatter("{x:g}")
+
+
 def sensitivity_figure(profile: Profile, plan: Plan | None = None) -> plt.Figure:
     """The shown drop (see ``report_text.quantity``) against the fraction removed, per target, with
     interval bands, dense at zero, and ``plan``'s level per target marked with a star."""
@@ -104,10 +114,12 @@ def sensitivity_figure(profile: Profile, plan: Plan | None = None) -> plt.Figure
     noun = unit_noun(profile)
     levels = {c.level for cells in curves.values() for c in cells}
     if len(levels) <= 1:
+        level = next(iter(levels)) if levels else profile.levels[0]
         fig, ax = plt.subplots(figsize=(8, min(max(0.22 * len(profile.targets) + 1.5, 3.5), 40)))
-        _bars(ax, profile, shown, factor, next(iter(levels)) if levels else profile.levels[0])
+        _bars(ax, profile, shown, factor, level)
         ax.set_xlabel(shown.label + (f" ({scale.suffix})" if scale.suffix else ""))
-        ax.set_title(f"{shown.label} when one {noun} is removed ({level_axis(profile)})\n{context(profile)}", fontsize=9)
+        how = "removed whole" if profile.granularity == "block" else f"pruned at level {level} ({profile.criterion})"
+        ax.set_title(f"{shown.label} when one {noun} is {how}, the rest dense\n{context(profile)}", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         return fig
 
@@ -146,12 +158,7 @@ def sensitivity_figure(profile: Profile, plan: Plan | None = None) -> plt.Figure
     noise = noise_level(profile)
     threshold = log_threshold([y for line in ax.get_lines() for y in line.get_ydata()], None if noise is None else factor * noise)
     if threshold is not None:
-        ys = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
-        ax.set_yscale("symlog", linthresh=threshold)
-        bottom, top = min(min(ys), -threshold) * 1.5, max(ys) * 1.5
-        ax.set_yticks([t for t in symlog_ticks(threshold, top) if t >= bottom])
-        ax.set_ylim(bottom, top)
-        ax.yaxis.set_major_formatter("{x:g}")
+        _log_axis(ax, threshold)
     title = "most sensitive first" if len(ranked) <= len(picked) else f"the {len(picked)} most sensitive of {len(ranked)}"
     ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, title=title,
               title_fontsize=8, frameon=False)

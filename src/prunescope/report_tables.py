@@ -14,6 +14,7 @@ from rich.table import Table
 from .plan import Plan
 from .profile import Profile
 from .report_text import (
+    Scale,
     compact_count,
     dense_text,
     estimate_note,
@@ -26,6 +27,7 @@ from .report_text import (
     tail_width,
     unit_noun,
 )
+from .targets import Target
 
 _GAP = 2  # characters between two columns
 _MIN_NAME = 12  # a target column is at least this wide, or as wide as the names' distinguishing tails
@@ -67,7 +69,8 @@ def _spread(count: int, keep: int) -> list[int]:
     return sorted({round(i * (count - 1) / (keep - 1)) for i in range(keep)})
 
 
-def _layout(targets, levels, text, params, halves, scale, ci, width, wanted) -> tuple[list[int], int]:
+def _layout(targets: list[Target], levels: list[str], text: dict[tuple[str, str], str], params: dict[str, str],
+            halves: dict[str, float], scale: Scale, ci: str, width: int, wanted: int) -> tuple[list[int], int]:
     """Which levels fit beside a target column of at least ``wanted`` characters, and that column's width."""
 
     def column(header: str, values: list[str]) -> int:
