@@ -272,6 +272,8 @@ def test_profile_csv_is_a_plain_table_pandas_reads(tmp_path):
     assert frame["drop"].tolist()[1:] == pytest.approx([profile.drop(c) for c in profile.cells[1:]])
     assert frame["value"][0] == math.inf and math.isnan(frame["ci_low"][0])
     assert frame["profile"].notna().tolist() == [True] + [False] * (len(frame) - 1)
+    same = profile.to_dataframe()  # the CSV holds every column to_dataframe gives, with the same values
+    pd.testing.assert_frame_equal(frame[list(same.columns)], same, check_dtype=False)
     assert ps.Profile.load(path) == profile
 
 
