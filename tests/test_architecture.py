@@ -12,10 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prunescope"
 
 LAYERS = {
     1: ["errors", "atomic", "progress", "stats", "batches", "modes", "layer_kinds", "version", "fingerprint"],
-    2: ["levels", "metrics", "evaluator", "target", "profile", "plan", "criteria", "identity", "store", "structure.groups"],
+    2: ["levels", "metrics", "evaluator", "target", "profile", "plan", "criteria", "identity", "store", "structure.groups", "profile_csv"],
     3: ["masks", "weight_masks", "structure", "cost", "latency", "oneshot", "incremental", "cell_measure", "cell_runner",
         "targets", "structured", "digits"],
-    4: ["scan", "execution", "estimate", "allocate", "apply", "report", "loading", "export", "shards", "data", "models"],
+    4: ["scan", "execution", "estimate", "allocate", "apply", "report", "report_text", "report_tables", "report_curves", "loading", "export", "shards", "data", "models"],
     5: ["cli", "demo", ""],
 }
 """Layer of each module (a package name covers its submodules unless one is listed itself):

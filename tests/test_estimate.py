@@ -371,7 +371,7 @@ def test_estimate_refuses_bad_input(small_cnn):
     refused("needs calibration data", model, None, score="taylor")
     refused("has none; use an Evaluator with metric loss, perplexity, accuracy or kl", model, ps.Evaluator(model, batches, "cosine"), score="fisher")
     refused("first-order, and metric 'kl' has zero gradient", model, ps.Evaluator(model, batches, "kl"), score="taylor")
-    refused("unknown criterion 'l1' for weight targets; accepted: magnitude, random", model, batches, score="fisher", criterion="l1")
+    refused("criterion 'l1' applies to channel, head, neuron, block targets, not weight targets; accepted: magnitude, random", model, batches, score="fisher", criterion="l1")
     refused("criterion 'wanda' is estimated by score 'obs'", model, batches, score="fisher", criterion="wanda")
     refused("its criterion is 'sparsegpt'", model, batches, score="obs", criterion="magnitude")
     refused("N:M levels apply to weights only", llm, text, ps.find_targets(llm, "neuron"), score="taylor", levels=["2:4"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -12,6 +10,7 @@ from typing import Any
 from .atomic import write_text_atomic
 from .errors import PrunescopeError
 from .levels import is_nm_key
+from .profile_csv import from_csv, to_csv
 from .target import Target
 
 FORMAT_VERSION = 1
@@ -123,53 +122,13 @@ class Profile:
         text = path.read_text()
         return cls.from_csv(text) if path.suffix == ".csv" else cls.from_json(text)
 
-    # ---- CSV: one row per cell; profile fields in a leading '# prunescope-profile' comment line
-    _CSV_TARGET = ("kind", "shape", "params", "flops", "input_dim", "granularity", "parameter", "group")
-
+    # ---- CSV: one row per cell that plain pandas.read_csv reads (see profile_csv) ------------
     def to_csv(self) -> str:
-        meta = {k: v for k, v in self.to_dict().items() if k != "cells"}
-        measured = {c.target for c in self.cells}
-        meta["target_names"] = [t.name for t in self.targets]
-        meta["targets"] = [t.to_dict() for t in self.targets if t.name not in measured]
-        out = io.StringIO()
-        out.write("# prunescope-profile " + json.dumps(meta) + "\n")
-        columns = [f.name for f in fields(Cell)] + [f"target_{k}" for k in self._CSV_TARGET]
-        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        by_name = {t.name: t.to_dict() for t in self.targets}
-        for cell in self.cells:
-            row = {k: "" if v is None else repr(v) if isinstance(v, float) else v for k, v in cell.to_dict().items()}
-            row.update({f"target_{k}": json.dumps(by_name[cell.target][k]) for k in self._CSV_TARGET})
-            writer.writerow(row)
-        return out.getvalue()
+        return to_csv(self.to_dict())
 
     @classmethod
     def from_csv(cls, text: str) -> Profile:
-        first, _, body = text.partition("\n")
-        if not first.startswith("# prunescope-profile "):
-            raise PrunescopeError("not a prunescope profile CSV (missing '# prunescope-profile' first line)")
-        meta = json.loads(first[len("# prunescope-profile ") :])
-        targets = {t["name"]: t for t in meta["targets"]}
-        cells = []
-        for row in csv.DictReader(io.StringIO(body)):
-            optional = {k: float(row[k]) if row[k] else None for k in ("ci_low", "ci_high")}
-            cells.append(
-                Cell(
-                    target=row["target"],
-                    level=row["level"],
-                    sparsity=float(row["sparsity"]),
-                    value=float(row["value"]),
-                    change=float(row["change"]),
-                    samples=int(row["samples"]),
-                    seconds=float(row["seconds"]),
-                    **optional,
-                )
-            )
-            extra = {k: json.loads(row[f"target_{k}"]) for k in cls._CSV_TARGET}
-            targets.setdefault(row["target"], {"name": row["target"], **extra})
-        meta["targets"] = [targets[name] for name in meta.pop("target_names")]
-        meta["cells"] = [c.to_dict() for c in cells]
-        return cls.from_dict(meta)
+        return cls.from_dict(from_csv(text))
 
     def to_dataframe(self):
         """The cells as a pandas DataFrame (needs pandas), with each target's params and FLOPs."""

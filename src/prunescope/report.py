@@ -1,8 +1,13 @@
-"""What a person looks at: sensitivity curves, a layer x level heatmap, and summary tables."""
+"""What a person looks at: a target x level heatmap, sensitivity curves, and summary tables.
+
+Figures and tables show one quantity, the drop (positive = worse) in the metric's own words (see
+``report_text.quantity``), so "up" and "warm" mean worse whatever the metric's direction.
+"""
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import matplotlib
@@ -10,12 +15,36 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from rich.table import Table  # noqa: E402
+from matplotlib.colors import CenteredNorm, Normalize, SymLogNorm  # noqa: E402
 
 from .atomic import write_bytes_atomic  # noqa: E402
-from .levels import is_nm_key  # noqa: E402
 from .plan import Plan  # noqa: E402
 from .profile import Profile  # noqa: E402
+from .report_curves import sensitivity_figure  # noqa: E402
+from .report_tables import plan_table, profile_table  # noqa: E402
+from .report_text import (  # noqa: E402
+    context,
+    estimate_note,
+    is_score,
+    level_axis,
+    log_threshold,
+    names_note,
+    noise_level,
+    quantity,
+    scale_for,
+    short_names,
+    symlog_ticks,
+    unit_noun,
+)
+
+__all__ = ["estimate_note", "heatmap_figure", "is_score", "plan_table", "plot_heatmap", "plot_sensitivity",
+           "profile_table", "sensitivity_figure", "write_report"]
+
+CMAP = "RdBu_r"  # diverging: red = worse, blue = better, white = unchanged
+_ROW_INCHES = (0.14, 0.32)  # a heatmap row's height: the least (7 pt labels) and the most
+_TEXT_ROW_INCHES = 0.2  # rows lower than this get no printed values
+_NAME_CHARS = 48
+_MAX_INCHES = 80  # the rows of a heatmap of 500+ targets share this height (labels thin out below 4 pt)
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -25,120 +54,84 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return write_bytes_atomic(path, buffer.getvalue())
 
 
-def is_score(profile: Profile) -> bool:
-    """True for an estimated profile whose cells are rank-only scores, not metric values."""
-    return profile.kind == "estimated" and str(profile.provenance.get("units", "")).startswith("score")
+def color_norm(values: np.ndarray, noise: float | None = None) -> Normalize:
+    """A colour norm centred on zero and symmetric: a rise and a fall of equal size sit at equal
+    distances from the centre. Logarithmic beyond ``log_threshold(values, noise)`` when there is one."""
+    finite = np.abs(values[np.isfinite(values)])
+    largest = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    threshold = log_threshold(values.ravel().tolist(), noise)
+    if threshold is not None:
+        return SymLogNorm(linthresh=threshold, vmin=-largest, vmax=largest, base=10)
+    return CenteredNorm(0.0, largest)
 
 
-def estimate_note(profile: Profile) -> str:
-    """For an estimated profile: the method and, when it was measured against a scan, its Spearman
-    rank correlation with the measured drops (all cells, and the mean within a level); else ''."""
-    if profile.kind != "estimated":
-        return ""
-    note = f"estimated by {profile.provenance.get('method', '?')}"
-    agreement = profile.provenance.get("agreement")
-    if agreement:
-        note += (f"; Spearman vs measured scan {agreement['spearman']:.2f} over {agreement['cells']} cells "
-                 f"({agreement['mean_per_level']:.2f} within a level)")
-    return note
+def _text_color(rgba: tuple[float, ...]) -> str:
+    """Black on light cells, white on dark ones (relative luminance of the cell colour)."""
+    r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3])
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"  # >= 4.5:1 contrast either way
 
 
-def plot_sensitivity(profile: Profile, path: str | Path, plan: Plan | None = None) -> Path:
-    """Metric vs fraction removed, one line per target with its confidence band; dense as a dashed line.
-    With a plan, each target's planned level is marked on its curve."""
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    colors = plt.get_cmap("viridis")(np.linspace(0, 0.95, max(len(profile.targets), 1)))
-    for color, target in zip(colors, profile.targets, strict=True):
-        cells = sorted((c for c in profile.cells if c.target == target.name and not is_nm_key(c.level)), key=lambda c: c.sparsity)
-        if not cells:
-            continue
-        x = [0.0] + [c.sparsity for c in cells]
-        y = [0.0 if is_score(profile) else profile.dense_value] + [c.value for c in cells]
-        ax.plot(x, y, marker="o", ms=3, lw=1.2, color=color, label=target.name)
-        if all(c.ci_low is not None for c in cells):
-            low = [profile.dense_value] + [profile.dense_value + c.ci_low for c in cells]
-            high = [profile.dense_value] + [profile.dense_value + c.ci_high for c in cells]
-            ax.fill_between(x, low, high, color=color, alpha=0.12, lw=0)
-        if plan is not None and len(profile.targets) <= 40 and target.name in plan.levels and not isinstance(plan.levels[target.name], str):
-            level = float(plan.levels[target.name])
-            ax.plot([level], [float(np.interp(level, x, y))], marker="*", ms=12, color=color, mec="black", mew=0.6)
-    if not is_score(profile):
-        ax.axhline(profile.dense_value, color="black", ls="--", lw=1, label=f"dense ({profile.dense_value:.4g})")
-    ax.set_xlabel(f"fraction of the layer's weights removed ({profile.criterion})")
-    ax.set_ylabel(f"{profile.provenance.get('method')} score" if is_score(profile) else profile.metric)
-    if profile.metric == "perplexity" and not is_score(profile):
-        ax.set_yscale("log")
-    title = f"Pruning sensitivity per layer ({profile.kind}, {profile.provenance.get('samples', '?')} samples, {profile.confidence:.0%} CI)"
-    if profile.kind == "estimated":
-        title = f"Pruning sensitivity per layer ({estimate_note(profile)})"
-    ax.set_title(title + ("; stars = plan" if plan and len(profile.targets) <= 40 else ""), fontsize=10)
-    if len(profile.targets) <= 24:
-        ax.legend(fontsize=7, ncol=2 if len(profile.targets) > 12 else 1, loc="best")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+def heatmap_figure(profile: Profile) -> plt.Figure:
+    """Targets (rows) x levels (columns), coloured by the shown drop on a zero-centred diverging scale."""
+    shown = quantity(profile)
+    names = [t.name for t in profile.targets]
+    levels = list(profile.levels)
+    row_of, col_of = {n: i for i, n in enumerate(names)}, {lv: j for j, lv in enumerate(levels)}
+    grid = np.full((len(names), len(levels)), np.nan)
+    for cell in profile.cells:
+        grid[row_of[cell.target], col_of[cell.level]] = shown.of(profile, cell)
+    noise = noise_level(profile)
+    scale = scale_for(grid[np.isfinite(grid)].tolist(), noise)
+    grid = grid / 10.0**scale.exponent
+    norm = color_norm(grid, None if noise is None else scale.plain(noise))
+
+    row_in = min(max(24.0 / max(len(names), 1), _ROW_INCHES[0]), _ROW_INCHES[1], _MAX_INCHES / max(len(names), 1))
+    texts = {(i, j): scale(v * 10.0**scale.exponent) for (i, j), v in np.ndenumerate(grid) if not np.isnan(v)}
+    col_in = max(0.5, 0.075 * max(map(len, texts.values()), default=1) + 0.2)
+    height = row_in * len(names) + 1.9
+    fig, ax = plt.subplots(figsize=(1.2 + col_in * len(levels) + 1.4, height))
+    fig.subplots_adjust(top=1 - 1.1 / height, bottom=0.8 / height)  # margins in inches: rows get the rest
+    cmap = plt.get_cmap(CMAP).with_extremes(bad="#d9d9d9")
+    image = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    label_pt = min(9.0, 72 * row_in * 0.7)
+    step = max(1, math.ceil(4.0 / label_pt))  # below 4 pt, label every step-th row
+    short = short_names(names, _NAME_CHARS)
+    ax.set_yticks(range(0, len(names), step), [short[n] for n in names[::step]], fontsize=max(label_pt, 4.0))
+    ax.set_xticks(range(len(levels)), levels, fontsize=8)
+    if len(names) > 30:  # a tall figure: the levels also at the top, where reading starts
+        ax.tick_params(top=True, labeltop=True)
+    ax.set_xlabel(level_axis(profile))
+    ax.set_ylabel(unit_noun(profile) if step == 1 else f"{unit_noun(profile)} (every {step}th labelled)")
+    log = isinstance(norm, SymLogNorm)
+    # at most ~6 inches long and at the top, where a reader of a tall figure starts
+    bar = fig.colorbar(image, ax=ax, fraction=0.08 if len(levels) < 6 else 0.05, shrink=min(1.0, 6.0 / height),
+                       anchor=(0.0, 1.0))
+    label = shown.label.replace(" (higher", "\n(higher") + (f"\n({scale.suffix})" if scale.suffix else "")
+    bar.set_label(label + (f"\nlinear within ±{norm.linthresh:.2g}, log beyond" if log else ""))
+    if log:
+        bar.set_ticks(symlog_ticks(norm.linthresh, norm.vmax))
+    notes = [context(profile)] + ([names_note(names, short)] if names_note(names, short) else [])
+    if np.isnan(grid).any():
+        notes.append("grey = not measured")
+    if row_in >= _TEXT_ROW_INCHES:
+        for (i, j), text in texts.items():
+            value = grid[i, j]
+            rgba = cmap(norm(value)) if np.isfinite(value) else cmap(1.0 if value > 0 else 0.0)
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color=_text_color(rgba))
+    else:
+        notes.append("values not printed: rows too small (see the table or the CSV)")
+    ax.set_title(f"{shown.label} when one {unit_noun(profile)} is pruned, the rest dense\n" + "; ".join(notes), fontsize=9)
+    return fig
 
 
 def plot_heatmap(profile: Profile, path: str | Path) -> Path:
-    """Drop (positive = worse) per target (rows) and level (columns)."""
-    names = [t.name for t in profile.targets]
-    levels = list(profile.levels)
-    grid = np.full((len(names), len(levels)), np.nan)
-    for cell in profile.cells:
-        grid[names.index(cell.target), levels.index(cell.level)] = profile.drop(cell)
-    height = min(0.28 * len(names) + 1.8, 40)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(levels) + 2.5, height))
-    image = ax.imshow(grid, aspect="auto", cmap="magma_r", interpolation="nearest")
-    ax.set_xticks(range(len(levels)), levels)
-    ax.set_yticks(range(len(names)), names, fontsize=7 if len(names) > 30 else 9)
-    ax.set_xlabel("level")
-    direction = "dense - pruned" if profile.higher_is_better else "pruned - dense"
-    fig.colorbar(image, ax=ax, label=f"{profile.metric} drop ({direction})")
-    if len(names) * len(levels) <= 120:
-        for i in range(len(names)):
-            for j in range(len(levels)):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j] + 0.0:.2g}" if abs(grid[i, j]) > 1e-12 else "0", ha="center", va="center", fontsize=6, color="grey")
-    ax.set_title("Sensitivity heatmap (blank = not measured)")
-    return _save(fig, path)
+    """Write :func:`heatmap_figure` as a PNG at ``path``, atomically."""
+    return _save(heatmap_figure(profile), path)
 
 
-def profile_table(profile: Profile, max_rows: int = 40) -> Table:
-    """Per-target rows: params, the metric at each level, and the widest interval half-width."""
-    levels = list(profile.levels)
-    if is_score(profile):
-        table = Table(title=f"{profile.provenance.get('method')} score when one layer is pruned (higher = predicted worse)")
-    else:
-        table = Table(title=f"{profile.metric} when one layer is pruned (dense {profile.dense_value:.4g})")
-    table.add_column("target", no_wrap=True)
-    table.add_column("params", justify="right")
-    for level in levels:
-        table.add_column(level, justify="right")
-    table.add_column(f"±{profile.confidence:.0%}", justify="right")
-    for target in profile.targets[:max_rows]:
-        cells = [profile.cell(target.name, level) for level in levels]
-        widths = [(c.ci_high - c.ci_low) / 2 for c in cells if c is not None and c.ci_low is not None]
-        row = [target.name, f"{target.params:,}"]
-        row += ["-" if c is None else f"{c.value:.3g}" for c in cells]
-        row.append(f"{max(widths):.2g}" if widths else "")
-        table.add_row(*row)
-    captions = [estimate_note(profile)] if profile.kind == "estimated" else []
-    if len(profile.targets) > max_rows:
-        captions.append(f"{len(profile.targets) - max_rows} more targets in the profile file")
-    table.caption = "; ".join(captions) or None
-    return table
-
-
-def plan_table(plan: Plan, max_rows: int = 40) -> Table:
-    """Per-target planned level and parameters removed."""
-    table = Table(title=f"plan: {plan.method}, {plan.sparsity:.1%} of {sum(plan.params.values()):,} prunable parameters removed")
-    table.add_column("target")
-    table.add_column("params", justify="right")
-    table.add_column("level", justify="right")
-    for name, level in list(plan.levels.items())[:max_rows]:
-        table.add_row(name, f"{plan.params[name]:,}", level if isinstance(level, str) else f"{float(level):.3f}")
-    if len(plan.levels) > max_rows:
-        table.caption = f"{len(plan.levels) - max_rows} more targets in the plan file"
-    return table
+def plot_sensitivity(profile: Profile, path: str | Path, plan: Plan | None = None) -> Path:
+    """Write :func:`sensitivity_figure` (``plan`` levels marked) as a PNG at ``path``, atomically."""
+    return _save(sensitivity_figure(profile, plan), path)
 
 
 def write_report(profile: Profile, out_dir: str | Path, plan: Plan | None = None) -> list[Path]:
