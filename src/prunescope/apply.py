@@ -13,7 +13,7 @@ from .errors import PrunescopeError
 from .masks import CALIBRATED_CRITERIA, keep_mask
 from .plan import Plan
 from .targets import prunable_modules
-from .weight_masks import WeightMask
+from .weight_masks import WeightMask, guard_save_pretrained
 
 MODES = ("mask", "shrink")
 
@@ -40,6 +40,9 @@ def apply(
     bypassed by a forward hook, which ``state_dict`` does not carry), and ``mode="shrink"``
     returns a new, physically smaller model (the input model is never changed). Channel plans
     trace the model and need ``example`` (one batch).
+
+    A masked transformers model's ``save_pretrained`` saves a copy with the masks baked in, so plain
+    ``from_pretrained`` reloads it (:func:`prunescope.save` writes the other formats).
 
     A plan made with a calibrated criterion (``"wanda"``, ``"sparsegpt"``) is applied by
     :func:`prunescope.oneshot.prune_oneshot` on ``calibration`` (a list of batches, required):
@@ -74,7 +77,7 @@ def apply(
         input_dim = 0 if type(module).__name__ == "Conv1D" else 1
         mask = keep_mask(module.weight, level, plan.criterion, input_dim, seed=seed, key=name)
         parametrize.register_parametrization(module, "weight", WeightMask(mask))
-    return result
+    return guard_save_pretrained(result)
 
 
 def _apply_structured(model: nn.Module, plan: Plan, mode: str, inplace: bool, example: Any) -> nn.Module:
@@ -107,4 +110,4 @@ def _apply_structured(model: nn.Module, plan: Plan, mode: str, inplace: bool, ex
     for target in targets:
         if target.name in removals:
             mask_target(result, target, removals[target.name])
-    return result
+    return guard_save_pretrained(result)

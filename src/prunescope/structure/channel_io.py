@@ -17,13 +17,20 @@ from .residual_blocks import REMOVED_STEP, remove_blocks
 FORMAT = "prunescope.channels/1"
 WEIGHTS = "model.safetensors"
 SPEC = "prunescope_channels.json"
-ORIGINS = ("torchvision:<model name or class, e.g. resnet18, VisionTransformer>", "prunescope:digits_cnn")
+ORIGINS = ("torchvision:<model name or class, e.g. resnet18, VisionTransformer>", "prunescope:digits_cnn",
+           "python:MODULE:FUNCTION (a factory returning the model, or (model, evaluator))")
 
 
 def build_origin(origin: str, kwargs: dict | None = None) -> nn.Module:
     """A fresh (random-init) model from an origin string such as ``"torchvision:resnet18"``."""
     kwargs = dict(kwargs or {})
+    if not isinstance(origin, str):
+        raise PrunescopeError(f"origin must be a string; accepted: {', '.join(ORIGINS)}")
     kind, _, name = origin.partition(":")
+    if kind == "python" and name:
+        from ..models import load_python
+
+        return load_python(name, origin).model
     if kind == "torchvision" and name:
         import torchvision
 
