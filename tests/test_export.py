@@ -92,6 +92,8 @@ def test_hf_drops_a_gguf_quantization_config(tmp_path):
     assert masked.config.quantization_config is not None
     reloaded = _auto("AutoModelForCausalLM").from_pretrained(folder)
     assert torch.equal(_out(reloaded, _batch(model)), _out(masked, _batch(model)))
+    masked.save_pretrained(tmp_path / "plain")  # the masked model's own save_pretrained bakes the same way
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
 
 
 def test_hf_writes_the_tokenizer(tmp_path):
@@ -221,6 +223,15 @@ def test_prunescope_format_rebuilds_a_non_uniform_channel_shrink_of_a_cnn(tmp_pa
     assert torch.equal(_out(rebuilt, IMAGES), _out(shrunk, IMAGES))
     assert rebuilt.conv1.out_channels == 48 and rebuilt.layer1[0].conv1.out_channels == 54
     assert sum(p.numel() for p in rebuilt.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_prunescope_format_rebuilds_a_masked_cnn_from_its_origin(small_cnn, tmp_path):
+    model, batches = small_cnn
+    masked = ps.apply(model, _weight_plan(model, 0.5))
+    folder = ps.save(masked, tmp_path / "out", format="prunescope", origin="prunescope:digits_cnn", origin_kwargs={"width": 4})
+    rebuilt = ps.load(folder)
+    assert torch.equal(_out(rebuilt, batches[0][0]), _out(masked, batches[0][0]))
+    assert ps.sparsity_of(rebuilt) == ps.sparsity_of(masked)
 
 
 def test_prunescope_format_rebuilds_a_non_uniform_llama_shrink(tmp_path):

@@ -331,6 +331,8 @@ def prune(
     console.print(table)
     for note in results["export"].get("notes", []):
         console.print(f"note: {note}")
+    if results["export"].get("check"):
+        console.print("check: " + ", ".join(f"{k} {v}" for k, v in results["export"]["check"].items()))
     console.print(f"wrote {out}/ ({results['export']['format']}): {', '.join(results['export']['files'])}, plan.json, summary.json")
 
 

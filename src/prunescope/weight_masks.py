@@ -113,7 +113,9 @@ class _BakedSavePretrained:
                 "apply the plan with mode='shrink' and save that (prunescope.save)"
             )
         if any(parametrize.is_parametrized(m) for m in model.modules()):
-            model = make_permanent(copy.deepcopy(model))
+            from .structure.transformer_io import drop_gguf_quantizer
+
+            model = drop_gguf_quantizer(make_permanent(copy.deepcopy(model)))
         return type(model).save_pretrained(model, save_directory, *args, **kwargs)
 
 

@@ -39,13 +39,9 @@ def baked_copy(model: nn.Module) -> nn.Module:
     """
     baked = make_permanent(copy.deepcopy(model)).eval()
     if is_hf_model(baked):
-        from ..structure.transformer_io import plain_config_dict
+        from ..structure.transformer_io import drop_gguf_quantizer
 
-        config = baked.config
-        if getattr(config, "quantization_config", None) is not None and "quantization_config" not in plain_config_dict(config):
-            del config.quantization_config
-            if getattr(baked, "hf_quantizer", None) is not None:
-                baked.hf_quantizer = None
+        drop_gguf_quantizer(baked)
     return baked
 
 

@@ -34,15 +34,17 @@ def check_origin(model: nn.Module, origin: Any) -> None:
 def write_spec(baked: nn.Module, folder: Path, origin: Any = None, origin_kwargs: dict | None = None) -> dict[str, Any]:
     """Write ``baked`` (masks baked) with its spec into ``folder``; check ``prunescope.load`` rebuilds it exactly."""
     from ..loading import load
-    from ..structure import save_shrunk, save_shrunk_channels
+    from ..structure import save_shrunk
+    from ..structure.channel_io import save_with_origin
     from ..structure.channel_shrink import SPEC_ATTRIBUTE
+    from ..structure.transformer_find import has_transformer_layers
 
     if is_hf_model(baked):
         save_shrunk(baked, folder, origin if isinstance(origin, nn.Module) or hasattr(origin, "to_dict") else None)
-    elif getattr(baked, SPEC_ATTRIBUTE, None):
-        save_shrunk_channels(baked, folder, origin, origin_kwargs)
+    elif has_transformer_layers(baked) and not getattr(baked, SPEC_ATTRIBUTE, None):
+        save_shrunk(baked, folder, origin, origin_kwargs)  # a torchvision ViT, shrunk by heads / neurons / blocks or not
     else:
-        save_shrunk(baked, folder, origin, origin_kwargs)
+        save_with_origin(baked, folder, origin, origin_kwargs)  # channel or residual-block steps, or none
     check_same_weights(baked, load(folder), "the saved prunescope spec")
     loadable = (folder / "config.json").exists()
     return {"loader": "prunescope.load" + (" (or transformers from_pretrained)" if loadable else ""), "notes": []}

@@ -56,11 +56,17 @@ def save_shrunk_channels(model: nn.Module, folder: str | Path, origin: str, orig
     shrink step, the example input shape used to trace the graph and the kept channel units of
     every group, or the residual blocks removed.
     """
+    if not getattr(model, SPEC_ATTRIBUTE, None):
+        raise PrunescopeError("the model was not made by shrink_channels or shrink_residual_blocks, so there is no spec to save")
+    return save_with_origin(model, folder, origin, origin_kwargs)
+
+
+def save_with_origin(model: nn.Module, folder: str | Path, origin: str, origin_kwargs: dict | None = None) -> Path:
+    """:func:`save_shrunk_channels` for any model built by ``origin``: a model never shrunk gets a
+    spec without steps (rebuilt as the origin, then its weights)."""
     from safetensors.torch import save
 
-    steps = getattr(model, SPEC_ATTRIBUTE, None)
-    if not steps:
-        raise PrunescopeError("the model was not made by shrink_channels or shrink_residual_blocks, so there is no spec to save")
+    steps = getattr(model, SPEC_ATTRIBUTE, None) or []
     if any(REMOVED_STEP not in step and step["example"] is None for step in steps):
         raise PrunescopeError("the model was shrunk with a non-tensor example input; only a single tensor input can be saved")
     build_origin(origin, origin_kwargs)  # refuse an unknown origin before writing anything

@@ -77,6 +77,17 @@ def plain_config_dict(config: Any) -> dict:
     return values
 
 
+def drop_gguf_quantizer(model: nn.Module) -> nn.Module:
+    """Forget, in place, that a transformers model was loaded from GGUF (its weights are plain
+    dequantized tensors): otherwise ``save_pretrained`` refuses, or writes a config that is "already quantized"."""
+    config = getattr(model, "config", None)
+    if getattr(config, "quantization_config", None) is not None and "quantization_config" not in plain_config_dict(config):
+        del config.quantization_config
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None
+    return model
+
+
 def origin_config_of(model: nn.Module) -> Any:
     """The config of the dense model ``model`` was shrunk from (recorded by the first shrink),
     or ``model.config`` for a model that was never shrunk."""
