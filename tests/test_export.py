@@ -104,6 +104,9 @@ def test_hf_writes_the_tokenizer(tmp_path):
                                         unk_token="[UNK]")
     folder = ps.save(_masked("llama")[1], tmp_path / "out", tokenizer=tokenizer)
     assert AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids("a") == 1
+    # a model loaded from a local folder brings that folder's tokenizer along
+    again = ps.save(_auto("AutoModelForCausalLM").from_pretrained(folder), tmp_path / "again")
+    assert AutoTokenizer.from_pretrained(again).convert_tokens_to_ids("a") == 1
 
 
 def _non_uniform_llama():
