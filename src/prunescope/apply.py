@@ -15,7 +15,7 @@ from .layer_kinds import weight_input_dim
 from .masks import keep_mask
 from .plan import Plan
 from .target import Target, prunable_modules
-from .weight_masks import WeightMask
+from .weight_masks import WeightMask, guard_save_pretrained
 
 
 def apply(
@@ -41,6 +41,9 @@ def apply(
     copy (zeroed consumer columns; a removed block is bypassed by a forward hook, which
     ``state_dict`` does not carry); ``shrink=True`` returns a new, physically smaller model (the
     input model is never changed). Channel plans trace the model and need ``example`` (one batch).
+
+    A masked transformers model's ``save_pretrained`` saves a copy with the masks baked in, so plain
+    ``from_pretrained`` reloads it (:func:`prunescope.save` writes the other formats).
 
     A plan made with a calibrated criterion (``"wanda"``, ``"sparsegpt"``) is applied by
     :func:`prunescope.prune_oneshot` on ``calibration`` (a list of batches, required): block by
@@ -79,7 +82,7 @@ def apply(
             raise PrunescopeError(f"{name}.weight is already masked; call make_permanent first")
         mask = keep_mask(module.weight, level, plan.criterion, weight_input_dim(module), seed=plan.seed, key=name)
         parametrize.register_parametrization(module, "weight", WeightMask(mask))
-    return result
+    return guard_save_pretrained(result)
 
 
 def _apply_structured(model: nn.Module, plan: Plan, shrink: bool, inplace: bool, example: Any) -> nn.Module:
@@ -110,4 +113,4 @@ def _apply_structured(model: nn.Module, plan: Plan, shrink: bool, inplace: bool,
     for target in targets:
         if target.name in removals:
             mask_target(result, target, removals[target.name])
-    return result
+    return guard_save_pretrained(result)

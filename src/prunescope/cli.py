@@ -259,21 +259,20 @@ def prune(
     calibration_samples: int = typer.Option(32, help="with --level: calibration windows from the text's first half (digits: training images)"),
     include: list[str] | None = typer.Option(None, help="with --level: glob on layer names; repeatable"),
     exclude: list[str] | None = typer.Option(None, help="with --level: glob on layer names; repeatable"),
-    out: Path = typer.Option(Path("pruned"), help="folder for model.safetensors, plan.json, summary.json"),
+    out: Path = typer.Option(Path("pruned"), help="folder for the model files, plan.json, summary.json"),
+    export_format: str | None = typer.Option(None, "--format", help="hf | compressed-tensors | onnx | prunescope (default: hf for Hugging Face models, prunescope otherwise)"),
 ) -> None:
     """Apply a plan and save the pruned model: masked weights, or a physically smaller model.
 
     With --level instead of a plan: one-shot pruning of every Linear in the model's blocks by
     --criterion, calibrated block by block on held-apart data, evaluated and saved the same way.
     """
-    from safetensors.torch import save_model
-
     from .apply import apply
     from .atomic import write_text_atomic
     from .plan import Plan
     from .structured import nonzero_parameters
-    from .weight_masks import make_permanent
 
+    example_inputs = None  # one batch of model inputs when --data is given (traces channel plans, onnx)
     try:
         if level is not None:
             if compare_uniform or mode != "mask":
@@ -314,14 +313,7 @@ def prune(
             budget = loaded_plan.budget
             asked = f"budget: {budget.fraction:.0%} {words[budget.kind]}" if budget else f"{loaded_plan.sparsity:.1%} of the scanned parameters"
             title = f"{model} pruned by a {loaded_plan.method} plan ({asked}), mode {mode}"
-        if mode == "shrink":
-            _save_shrunk(pruned, loaded, out)
-        else:
-            make_permanent(pruned)
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / ".model.safetensors.tmp"
-            save_model(pruned, str(tmp))
-            tmp.replace(out / "model.safetensors")
+        results["export"] = _save_pruned(pruned, loaded, out, export_format, example_inputs)
         results["params_pruned"] = nonzero_parameters(pruned)
         loaded_plan.save(out / "plan.json")
         write_text_atomic(out / "summary.json", json.dumps(results, indent=1))
@@ -336,7 +328,11 @@ def prune(
             params = f"{results['params_' + key]:,}" if "params_" + key in results else ""
             table.add_row(key if key != "uniform" else "uniform plan, same sparsity", f"{results[key]:.5g}", params)
     console.print(table)
-    console.print(f"wrote {out}/model.safetensors, plan.json, summary.json")
+    for note in results["export"].get("notes", []):
+        console.print(f"note: {note}")
+    if results["export"].get("check"):
+        console.print("check: " + ", ".join(f"{k} {v}" for k, v in results["export"]["check"].items()))
+    console.print(f"wrote {out}/ ({results['export']['format']}): {', '.join(results['export']['files'])}, plan.json, summary.json")
 
 
 def _prune_oneshot(model_spec: str, level: str, criterion: str, data_spec: str | None, metric: str | None, samples: int | None,
@@ -388,20 +384,21 @@ def _prune_oneshot(model_spec: str, level: str, criterion: str, data_spec: str |
     return pruned, plan, results, loaded
 
 
-def _save_shrunk(model, loaded, out: Path) -> None:
-    """Save a shrunk model with the spec that rebuilds it (safetensors + JSON, no pickle)."""
-    from .structure import save_shrunk, save_shrunk_channels
-    from .structure.channel_shrink import SPEC_ATTRIBUTE
+def _save_pruned(model, loaded, out: Path, export_format: str | None, example) -> dict:
+    """prunescope.save in the --format asked (default: hf for Hugging Face models, prunescope otherwise); its manifest."""
+    import warnings
 
-    if hasattr(model, "config") and hasattr(model, "save_pretrained"):
-        save_shrunk(model, out, loaded.model)
-        return
-    origins = {"digits-cnn": "prunescope:digits_cnn"}
-    origin = origins.get(loaded.spec, loaded.spec)
-    if getattr(model, SPEC_ATTRIBUTE, None):
-        save_shrunk_channels(model, out, origin)
-    else:
-        save_shrunk(model, out, origin)
+    from .export import default_format, read_manifest, save
+    from .export.onnx_file import default_example
+    from .export.spec_folder import origin_of_spec
+
+    chosen = export_format or default_format(model)
+    if chosen == "onnx" and example is None:
+        example = default_example(model, loaded.input_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the notes are printed from the manifest
+        save(model, out, format=chosen, example=example, tokenizer=loaded.tokenizer, origin=origin_of_spec(loaded.spec))
+    return read_manifest(out)
 
 
 @app.command()

@@ -60,22 +60,46 @@ def load_smollm2() -> LoadedModel:
 
 
 def load_hf(path: str | Path, spec: str | None = None) -> LoadedModel:
-    """A local Hugging Face model folder: a causal LM if its config says so, else the bare encoder."""
+    """A local Hugging Face model folder: a causal LM if its config says so, else the bare encoder.
+
+    A folder that ``prunescope.save`` wrote without a stock config (a non-uniform structured
+    shrink: ``prunescope.json``; a compressed-tensors sparse checkpoint) is rebuilt by ``prunescope.load``.
+    """
     transformers = _need_transformers()
     folder = Path(path)
+    if _needs_prunescope(folder):
+        from .loading import load
+
+        model = load(folder)
+        if not isinstance(model, transformers.PreTrainedModel):
+            raise PrunescopeError(f"hf:{path} holds a prunescope spec of a {type(model).__name__}, not a Hugging Face model")
+        return LoadedModel(model.eval(), spec or f"hf:{path}", "causal_lm" if _is_causal([type(model).__name__]) else "encoder",
+                           _tokenizer(transformers, folder))
     config_file = folder / "config.json"
     if not config_file.exists():
         raise PrunescopeError(f"hf:{path} is not a Hugging Face model folder (no config.json); give a local folder")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
+    causal = _is_causal(json.loads(config_file.read_text()).get("architectures") or [])
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = auto.from_pretrained(folder, dtype=torch.float32)
-    tokenizer = None
+    return LoadedModel(model.eval(), spec or f"hf:{path}", "causal_lm" if causal else "encoder", _tokenizer(transformers, folder))
+
+
+def _needs_prunescope(folder: Path) -> bool:
+    from .export.compressed import is_compressed
+    from .structure.transformer_io import SPEC_FILE
+
+    return (folder / SPEC_FILE).exists() or is_compressed(folder)
+
+
+def _is_causal(architectures: list[str]) -> bool:
+    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
+
+
+def _tokenizer(transformers: Any, folder: Path) -> Any:
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        return transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError):
-        pass
-    return LoadedModel(model.eval(), spec or f"hf:{path}", "causal_lm" if causal else "encoder", tokenizer)
+        return None
 
 
 def load_torchvision(name: str, spec: str) -> LoadedModel:

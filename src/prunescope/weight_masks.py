@@ -1,8 +1,11 @@
-"""The mask parametrization of a weight: register, list, bake in, and restore from a state_dict."""
+"""The mask parametrization of a weight: register, list, bake in, restore from a state_dict, and
+keep ``save_pretrained`` of a masked Hugging Face model from writing the masks instead of the weights."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,11 +36,27 @@ def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
-    """Bake every mask into its weight (zeros stay zeros) and remove the parametrizations, in place."""
+    """Bake every mask into its weight (zeros stay zeros) and remove the parametrizations, in place.
+
+    Safe on one of several ``copy.deepcopy`` copies of a masked model: the others stay masked.
+    """
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
+            _own_class(module)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    if isinstance(model.__dict__.get("save_pretrained"), _BakedSavePretrained):
+        del model.__dict__["save_pretrained"]
     return model
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a private copy of torch's generated ``Parametrized<Class>``.
+
+    Deep copies share that class, and removing a parametrization deletes the weight property from
+    the class itself, which would leave every other copy without a ``weight``.
+    """
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
 
 
 def load_masked(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -52,9 +71,56 @@ def load_masked(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.
             if not parametrize.is_parametrized(modules[name], "weight"):
                 parametrize.register_parametrization(modules[name], "weight", WeightMask(mask))
     model.load_state_dict(state_dict)
-    return model
+    return guard_save_pretrained(model)
 
 
 def sparsity_of(model: nn.Module) -> dict[str, float]:
     """Fraction of exact zeros in each prunable weight (masked or permanent), by module name."""
     return {name: float((module.weight == 0).float().mean()) for name, module in prunable_modules(model)}
+
+
+# ---- save_pretrained of a masked Hugging Face model ------------------------------------------
+
+
+def prunescope_hooks(model: nn.Module) -> list[str]:
+    """Modules carrying a forward hook of prunescope's (a bypassed block, a norm over kept channels):
+    an emulated removal that no weights file can hold."""
+    found = []
+    for name, module in model.named_modules():
+        for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values()):
+            function = getattr(hook, "func", hook)
+            if str(getattr(function, "__module__", "")).startswith("prunescope."):
+                found.append(name or "the model")
+                break
+    return found
+
+
+class _BakedSavePretrained:
+    """The instance-level ``save_pretrained`` of a masked transformers model: it saves a copy with
+    the masks baked into the weights (zeros in place), so plain ``from_pretrained`` reloads the
+    same model; the class method would write ``...parametrizations.weight.original`` / ``.0.mask``
+    keys that transformers drops, re-initialising those weights at random. Deep copies carry it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        hooked = prunescope_hooks(model)
+        if hooked:
+            raise PrunescopeError(
+                f"{hooked[0]} bypasses removed units with a forward hook, which save_pretrained cannot keep; "
+                "apply the plan with shrink=True and save that (prunescope.save)"
+            )
+        if any(parametrize.is_parametrized(m) for m in model.modules()):
+            from .structure.transformer_io import drop_gguf_quantizer
+
+            model = drop_gguf_quantizer(make_permanent(copy.deepcopy(model)))
+        return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
+def guard_save_pretrained(model: nn.Module) -> nn.Module:
+    """Give a masked transformers ``model`` the baking ``save_pretrained`` (no-op for other models)."""
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in model.__dict__:
+        model.__dict__["save_pretrained"] = _BakedSavePretrained(model)
+    return model

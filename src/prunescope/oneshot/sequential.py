@@ -211,6 +211,10 @@ def prune_oneshot(
         elif levels:  # a plan may leave every layer dense (level 0): then nothing runs
             _calibrated(result, stack, calibration, levels, modules, criterion, block_size, damp, mask, report, progress)
     report.seconds = time.perf_counter() - started
+    if mask:
+        from ..weight_masks import guard_save_pretrained
+
+        guard_save_pretrained(result)
     result.prunescope_report = report
     return result
 

@@ -17,13 +17,20 @@ from .residual_blocks import REMOVED_STEP, remove_blocks
 FORMAT = "prunescope.channels/1"
 WEIGHTS = "model.safetensors"
 SPEC = "prunescope_channels.json"
-ORIGINS = ("torchvision:<model name or class, e.g. resnet18, VisionTransformer>", "prunescope:digits_cnn")
+ORIGINS = ("torchvision:<model name or class, e.g. resnet18, VisionTransformer>", "prunescope:digits_cnn",
+           "python:MODULE:FUNCTION (a factory returning the model, or (model, evaluator))")
 
 
 def build_origin(origin: str, kwargs: dict | None = None) -> nn.Module:
     """A fresh (random-init) model from an origin string such as ``"torchvision:resnet18"``."""
     kwargs = dict(kwargs or {})
+    if not isinstance(origin, str):
+        raise PrunescopeError(f"origin must be a string; accepted: {', '.join(ORIGINS)}")
     kind, _, name = origin.partition(":")
+    if kind == "python" and name:
+        from ..models import load_python
+
+        return load_python(name, origin).model
     if kind == "torchvision" and name:
         import torchvision
 
@@ -49,11 +56,17 @@ def save_shrunk_channels(model: nn.Module, folder: str | Path, origin: str, orig
     shrink step, the example input shape used to trace the graph and the kept channel units of
     every group, or the residual blocks removed.
     """
+    if not getattr(model, SPEC_ATTRIBUTE, None):
+        raise PrunescopeError("the model was not made by shrink_channels or shrink_residual_blocks, so there is no spec to save")
+    return save_with_origin(model, folder, origin, origin_kwargs)
+
+
+def save_with_origin(model: nn.Module, folder: str | Path, origin: str, origin_kwargs: dict | None = None) -> Path:
+    """:func:`save_shrunk_channels` for any model built by ``origin``: a model never shrunk gets a
+    spec without steps (rebuilt as the origin, then its weights)."""
     from safetensors.torch import save
 
-    steps = getattr(model, SPEC_ATTRIBUTE, None)
-    if not steps:
-        raise PrunescopeError("the model was not made by shrink_channels or shrink_residual_blocks, so there is no spec to save")
+    steps = getattr(model, SPEC_ATTRIBUTE, None) or []
     if any(REMOVED_STEP not in step and step["example"] is None for step in steps):
         raise PrunescopeError("the model was shrunk with a non-tensor example input; only a single tensor input can be saved")
     build_origin(origin, origin_kwargs)  # refuse an unknown origin before writing anything

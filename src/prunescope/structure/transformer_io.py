@@ -23,7 +23,13 @@ from torch import nn
 from ..atomic import write_bytes_atomic, write_text_atomic
 from ..errors import PrunescopeError
 from .transformer_layout import find_attention, find_feed_forward, find_layer_lists
-from .transformer_shrink import KEPT_BLOCKS_ATTRIBUTE, config_describes, layer_counts, shrink_in_place
+from .transformer_shrink import (
+    KEPT_BLOCKS_ATTRIBUTE,
+    ORIGIN_CONFIG_ATTRIBUTE,
+    config_describes,
+    layer_counts,
+    shrink_in_place,
+)
 
 SPEC_FILE = "prunescope.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -60,6 +66,37 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def plain_config_dict(config: Any) -> dict:
+    """``config.to_dict()`` without a GGUF ``quantization_config``: the weights were dequantized on
+    loading (SmolLM2's package is a GGUF file), so a saved copy is not "already quantized"."""
+    values = dict(config) if isinstance(config, dict) else config.to_dict()
+    quantization = values.get("quantization_config")
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        values.pop("quantization_config")
+    return values
+
+
+def drop_gguf_quantizer(model: nn.Module) -> nn.Module:
+    """Forget, in place, that a transformers model was loaded from GGUF (its weights are plain
+    dequantized tensors): otherwise ``save_pretrained`` refuses, or writes a config that is "already quantized"."""
+    config = getattr(model, "config", None)
+    if getattr(config, "quantization_config", None) is not None and "quantization_config" not in plain_config_dict(config):
+        del config.quantization_config
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None
+    return model
+
+
+def origin_config_of(model: nn.Module) -> Any:
+    """The config of the dense model ``model`` was shrunk from (recorded by the first shrink),
+    or ``model.config`` for a model that was never shrunk."""
+    recorded = getattr(model, ORIGIN_CONFIG_ATTRIBUTE, None)
+    if recorded is None:
+        return model.config
+    return model.config.__class__.from_dict(plain_config_dict(recorded))
+
+
 def shrink_spec(model: nn.Module, origin: dict) -> dict:
     """The JSON spec of a shrunk model (see the module docstring); ``origin`` holds the spec's
     origin entries (``class`` + ``origin_config``, or ``origin`` + ``origin_kwargs``)."""
@@ -84,14 +121,15 @@ def shrink_spec(model: nn.Module, origin: dict) -> dict:
     }
 
 
-def save_shrunk(model: nn.Module, folder: str | Path, origin: nn.Module | Any, origin_kwargs: dict | None = None) -> Path:
+def save_shrunk(model: nn.Module, folder: str | Path, origin: nn.Module | Any = None, origin_kwargs: dict | None = None) -> Path:
     """Write ``model`` (made by :func:`shrink_transformer` from ``origin``) to ``folder``.
 
     Args:
         model: the shrunk model.
         folder: created if needed; files are written atomically, the spec last.
-        origin: for a transformers model, the dense model it was shrunk from or its HF config; for
-            any other model, an origin string (``"torchvision:vit_b_16"``) that builds the dense one.
+        origin: for a transformers model, the dense model it was shrunk from or its HF config
+            (default: the config the first shrink recorded); for any other model, an origin string
+            (``"torchvision:vit_b_16"``) that builds the dense one.
         origin_kwargs: constructor arguments of a string origin (e.g. ``{"num_classes": 10}``).
 
     Returns:
@@ -103,13 +141,13 @@ def save_shrunk(model: nn.Module, folder: str | Path, origin: nn.Module | Any, o
     if not isinstance(model, transformers.PreTrainedModel):
         raise PrunescopeError(f"save_shrunk needs a transformers model; got {type(model).__name__}")
     _model_class(type(model).__name__)
-    origin_config = origin.config if isinstance(origin, nn.Module) else origin
+    origin_config = origin_config_of(model) if origin is None else origin.config if isinstance(origin, nn.Module) else origin
     if not hasattr(origin_config, "to_dict") or getattr(origin_config, "model_type", None) != model.config.model_type:
         raise PrunescopeError(
             f"origin must be the dense model {type(model).__name__} was shrunk from, or its config "
             f"(model_type {model.config.model_type!r}); got {type(origin).__name__}"
         )
-    spec = shrink_spec(model, {"class": type(model).__name__, "origin_config": origin_config.to_dict()})
+    spec = shrink_spec(model, {"class": type(model).__name__, "origin_config": plain_config_dict(origin_config)})
     origin_layers = getattr(origin_config, "num_hidden_layers", None)
     if len(spec["layer_lists"]) == 1 and spec["layer_lists"][0]["origin_length"] != origin_layers:
         raise PrunescopeError(
@@ -124,7 +162,7 @@ def save_shrunk(model: nn.Module, folder: str | Path, origin: nn.Module | Any, o
     spec["hf_loadable"] = hf_loadable
     config_file = folder / "config.json"
     if hf_loadable:
-        config = model.config.__class__.from_dict(model.config.to_dict())
+        config = model.config.__class__.from_dict(plain_config_dict(model.config))
         config.architectures = [type(model).__name__]
         write_text_atomic(config_file, config.to_json_string())
     elif config_file.exists():

@@ -30,6 +30,8 @@ from .transformer_layout import (
 from .transformer_mask import check_removal, slice_indices
 
 KEPT_BLOCKS_ATTRIBUTE = "prunescope_kept_blocks"
+ORIGIN_CONFIG_ATTRIBUTE = "prunescope_origin_config"
+"""The dense model's config (a dict), recorded by the first shrink, so a spec can rebuild the origin."""
 
 
 def shrink_transformer(
@@ -53,7 +55,7 @@ def shrink_transformer(
     ``num_attention_heads``/``num_key_value_heads``/``head_dim``), the config is patched too, so
     ``save_pretrained`` output loads in plain transformers; otherwise it keeps the origin's counts.
     ``model.prunescope_kept_blocks`` records, per layer list, (original length, original indices of
-    the kept blocks).
+    the kept blocks), and ``model.prunescope_origin_config`` the dense config (first shrink only).
     """
     result = copy.deepcopy(model)
     shrink_in_place(result, removals, head_mode=head_mode)
@@ -69,6 +71,8 @@ def shrink_in_place(model: nn.Module, removals: Mapping[str, Sequence[int]], *, 
     inside = [name for name in plan if plan[name] and any(name.startswith(f"{b}.") for b in blocks)]
     if inside:
         raise PrunescopeError(f"removals name units inside removed blocks: {', '.join(inside[:5])}; drop one or the other")
+    if hasattr(getattr(model, "config", None), "to_dict") and not hasattr(model, ORIGIN_CONFIG_ATTRIBUTE):
+        setattr(model, ORIGIN_CONFIG_ATTRIBUTE, model.config.to_dict())
     for name in plan:
         if name in attentions and plan[name] and attentions[name].layout == "mha":
             _replace_mha(model, name)
