@@ -127,6 +127,19 @@ class WidthScaled(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+class BufferScaled(nn.Module):
+    """A per-channel buffer multiplied in: Torch-Pruning does not prune buffers, so the shrunk model fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8).view(1, 8, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.relu(self.a(x)) * self.scale).mean((2, 3)))
+
+
 def _images(seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
@@ -163,9 +176,11 @@ def test_shortcut_concatenated_into_a_slice_is_refused_by_the_search_bound_and_t
     # 16 blocks: without a bound Torch-Pruning's search of the stream group grows ~5x per block (8 blocks took 25 s)
     model = _build(SliceShortcutNet, 16, inplace=False)
     x = _images()
-    groups, refused = discover_channel_groups(model, x)
-    assert list(refused) == ["body.15.1.0"]  # the stream through every block: one refusal, not one per member
-    assert "reached more than 50000 dependencies (search steps)" in refused["body.15.1.0"]
+    # the stream through every block: one refusal, not one per member
+    with pytest.warns(UserWarning, match=r"leaves 1 channel group\(s\) unpruned: body\.15\.1\.0: the search for its "
+                      r"channel coupling reached more than 50000 dependencies \(search steps\)"):
+        targets = find_targets(model, "channel", example=x)
+    groups = [t.group for t in targets]
     offered = {g.name for g in groups}
     assert offered == {f"body.{i}.0.0" for i in range(16)}  # each block's inner conv is still offered
     assert_every_group_shrinks_to_its_mask(model, x, [g for g in groups if g.name in ("body.0.0.0", "body.15.0.0")])
@@ -236,6 +251,15 @@ def test_a_group_whose_shrink_disagrees_with_its_mask_is_refused_by_the_check(mo
     traces.clear()
     unchecked, none_refused = discover_channel_groups(model, x, check=False)
     assert len(unchecked) == 4 and not none_refused and len(traces) == 1
+
+
+def test_a_group_whose_shrunk_model_does_not_run_is_refused_by_the_check():
+    model = _build(BufferScaled)
+    groups, refused = discover_channel_groups(model, _images())
+    assert list(refused) == ["a"]
+    assert "shrinking fails or the shrunk model does not run" in refused["a"]
+    assert "The size of tensor a (5) must match the size of tensor b (8)" in refused["a"]
+    assert [g.name for g in groups] == ["b"]
 
 
 def test_csp_without_a_split_offers_every_group_at_the_cost_of_one_trace(monkeypatch):

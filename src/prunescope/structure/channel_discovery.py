@@ -59,7 +59,7 @@ def _disagreement(model: nn.Module, example: Any, trace: ChannelTrace, chosen: d
         difference = relative_difference(masked, shrunk)
     except Exception as error:  # any failure to shrink or run counts against the groups
         first = (str(error).strip().splitlines() or [""])[0][:200]
-        return f"the shrunk model does not run ({type(error).__name__}: {first})"
+        return f"shrinking fails or the shrunk model does not run ({type(error).__name__}: {first})"
     if not difference <= TOLERANCE:
         return (f"the shrunk model's output differs from the masked model's by {difference:.3g} of the output scale "
                 f"(tolerance {TOLERANCE})")
@@ -77,28 +77,33 @@ def failing_groups(
     probes = {c.group.name: probe_units(model, c.group) for c in groups
               if not any(s.role == "output" for s in c.group.slices)}
     probes = {name: units for name, units in probes.items() if units}
-    by_name = {c.group.name: c for c in groups}
     refused: dict[str, str] = {}
-    pending: deque[tuple[list[str], dict[str, CoupledGroup], ChannelTrace]] = deque([(list(probes), by_name, trace)])
+    first: tuple[dict[str, CoupledGroup], ChannelTrace] | None = ({c.group.name: c for c in groups}, trace)
+    pending = deque([list(probes)] if probes else [])
     while pending:
-        names, found, traced = pending.popleft()
+        names = pending.popleft()
+        if first is not None:  # all groups at once, on the discovery's own copy
+            found, traced = first
+            first = None
+        else:  # a half, on a fresh copy (made only now, so that one copy exists at a time)
+            traced = trace_channels(copy.deepcopy(model), example)
+            regrouped, lost = coupled_groups(traced, budget=budget, roots=set(names))
+            found = {c.group.name: c for c in regrouped}
+            refused.update({n: lost.get(n, "not found again on a second trace") for n in names if n not in found})
+            names = [n for n in names if n in found]
+            if not names:
+                continue
         why = _disagreement(model, example, traced, {n: (found[n], probes[n]) for n in names})
+        units = {n: found[n].group.units for n in names}
         del traced, found
         if why is None:
             continue
         if len(names) == 1:
             name = names[0]
-            refused[name] = (f"removing its units {probes[name]} of {by_name[name].group.units}: {why}; the coupling "
-                             "Torch-Pruning found is wrong here (e.g. a chunk, split or constant computed from the channel count)")
-            continue
-        for part in (names[: len(names) // 2], names[len(names) // 2:]):
-            fresh = trace_channels(copy.deepcopy(model), example)
-            regrouped, lost = coupled_groups(fresh, budget=budget, roots=set(part))
-            refound = {c.group.name: c for c in regrouped}
-            refused.update({n: lost.get(n, "not found again on a second trace") for n in part if n not in refound})
-            kept = [n for n in part if n in refound]
-            if kept:
-                pending.append((kept, refound, fresh))
+            refused[name] = (f"removing its units {probes[name]} of {units[name]}: {why}; the coupling Torch-Pruning "
+                             "found is wrong here (e.g. a chunk or split sized by the channel count, a per-channel buffer)")
+        else:
+            pending.extend((names[: len(names) // 2], names[len(names) // 2:]))
     return refused
 
 
