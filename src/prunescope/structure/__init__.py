@@ -1,10 +1,10 @@
 """Structured pruning units: coupled channel groups, attention heads, FFN neurons, whole blocks."""
 
+from .channel_discovery import find_channel_groups, refused_channel_groups
 from .channel_io import load_shrunk_channels, save_shrunk_channels
 from .channel_mask import mask_channels
 from .channel_plan import CHANNEL_CRITERIA, channel_unit_scores, plan_channel_removals
 from .channel_shrink import count_flops, predicted_params, shrink_channels
-from .channels import find_channel_groups, refused_channel_groups
 from .groups import Slice, UnitGroup
 from .residual_blocks import find_residual_blocks, shrink_residual_blocks
 from .transformer_find import find_transformer_groups

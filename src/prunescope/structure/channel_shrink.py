@@ -49,8 +49,9 @@ def _resolve(
     return chosen
 
 
-def _prune(trace: Any, chosen: dict[str, tuple[CoupledGroup, list[int]]]) -> None:
-    """Remove the chosen units from the traced model in place (all positions computed first)."""
+def prune_traced(trace: Any, chosen: dict[str, tuple[CoupledGroup, list[int]]]) -> None:
+    """Remove the chosen units (group name -> (group, unit indices)) from the traced model in
+    place, through the groups' Torch-Pruning dependencies (all positions computed first)."""
     work: dict[tuple[int, Any], tuple[Any, set[int]]] = {}
     for coupled, units in chosen.values():
         roots = coupled.root_channels(units)
@@ -123,7 +124,7 @@ def shrink_channels(
     trace = trace_channels(result, example_inputs)
     groups, refused = coupled_groups(trace)
     chosen = _resolve(groups, refused, removals)
-    _prune(trace, chosen)
+    prune_traced(trace, chosen)
     del trace
     args, kwargs, _ = split_batch(example_inputs)
     tensor_example = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else None

@@ -15,7 +15,7 @@ of the ``g`` conv groups, ``g`` channels per unit).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +27,10 @@ from .channel_graph import (
     SUPPORTED_MODULES,
     ChannelTrace,
     tolerant_reshapes,
-    trace_channels,
     unmapped_reason,
     unsupported_op,
 )
+from .channel_search import SearchBudget, SearchExceeded, bounded_search
 from .groups import Slice, UnitGroup
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -179,7 +179,7 @@ def _coupled(trace: ChannelTrace, tp_group: Any, exclude_output: bool) -> Couple
         return None
     units = channels if slot is None else channels // slot[0]
     coupled = CoupledGroup(UnitGroup(name, "channel", units, 0, ()), items, slot, channels)
-    members = [coupled.root_channels([u]) for u in range(units)]
+    unit_of = {r: u for u in range(units) for r in coupled.root_channels([u])}  # root channel -> its unit
     parameters = dict(trace.model.named_parameters())
     state = trace.model.state_dict(keep_vars=True)
     seen: set[tuple] = set()
@@ -189,7 +189,16 @@ def _coupled(trace: ChannelTrace, tp_group: Any, exclude_output: bool) -> Couple
             if tensor not in state:
                 raise _Refused(f"tensor {tensor} of the group is not in the model's state_dict")
             per_group = state[tensor].shape[dim]
-            per_unit = [sorted({(i % per_group) if local else i for i, r in zip(idxs, roots, strict=True) if r in m}) for m in members]
+            if not local and idxs and max(idxs) >= per_group:
+                raise _Refused(
+                    f"Torch-Pruning maps the group's channels to position {max(idxs)} of {tensor}, which has {per_group} "
+                    f"along dim {dim} (a coupling it got wrong, e.g. through a chunk or split)"
+                )
+            owned: list[set[int]] = [set() for _ in range(units)]
+            for i, r in zip(idxs, roots, strict=True):
+                if r in unit_of:
+                    owned[unit_of[r]].add(i % per_group if local else i)
+            per_unit = [sorted(p) for p in owned]
             if not per_unit[0] or any(len(p) != len(per_unit[0]) for p in per_unit):
                 raise _Refused(f"the channels of {tensor} do not split evenly over the group's units")
             if output and role == "out":
@@ -213,14 +222,19 @@ def _coupled(trace: ChannelTrace, tp_group: Any, exclude_output: bool) -> Couple
     return coupled
 
 
-def _tp_groups(trace: ChannelTrace, refused: dict[str, str]) -> Iterator[tuple[str, Any]]:
+def _tp_groups(
+    trace: ChannelTrace, refused: dict[str, str], budget: SearchBudget, roots: Collection[str] | None
+) -> Iterator[tuple[str, Any]]:
     """Torch-Pruning's full-range group of every Conv/Linear not already in an earlier group (as
-    ``DependencyGraph.get_all_groups``, but one group that Torch-Pruning fails to map is refused
-    instead of ending the search)."""
+    ``DependencyGraph.get_all_groups``, but one group that Torch-Pruning fails to map, or whose
+    search runs over ``budget``, is refused instead of ending or stalling the search); only the
+    groups named in ``roots`` when given."""
     graph = trace.graph
     visited: set[int] = set()
     for module in list(graph.module2node):
         if not isinstance(module, (*_CONVS, nn.Linear)) or id(module) in visited:
+            continue
+        if roots is not None and trace.names.get(module) not in roots:
             continue
         pruner = graph.get_pruner_of_module(module)
         channels = pruner.get_out_channels(module) if pruner is not None else None
@@ -229,9 +243,14 @@ def _tp_groups(trace: ChannelTrace, refused: dict[str, str]) -> Iterator[tuple[s
         name = trace.names[module]
         hits: list[Any] = []
         try:
-            with tolerant_reshapes(trace, trace.unmapped, hits), warnings.catch_warnings():
+            with tolerant_reshapes(trace, trace.unmapped, hits), warnings.catch_warnings(), bounded_search(budget):
                 warnings.simplefilter("ignore")  # Torch-Pruning's shape-inference warnings; refusals are reported
                 group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        except SearchExceeded as why:  # what it reached is coupled to this root: one refusal for all of it
+            visited.add(id(module))
+            visited.update(id(dep.target.module) for dep, _ in why.reached if graph.is_out_channel_pruning_fn(dep.handler))
+            refused[name] = f"the search for its channel coupling {why}, as when shortcuts are added into a slice of the channels"
+            continue
         except Exception as error:
             visited.add(id(module))
             refused[name] = f"Torch-Pruning cannot map the channels of {name}: {type(error).__name__}: {str(error)[:160]}"
@@ -244,15 +263,18 @@ def _tp_groups(trace: ChannelTrace, refused: dict[str, str]) -> Iterator[tuple[s
 
 
 def coupled_groups(
-    trace: ChannelTrace, *, exclude_output: bool = True
+    trace: ChannelTrace, *, exclude_output: bool = True, budget: SearchBudget | None = None,
+    roots: Collection[str] | None = None,
 ) -> tuple[list[CoupledGroup], dict[str, str]]:
-    """Every channel group of a traced model, and the groups refused with their reasons."""
+    """Every channel group of a traced model (or only those named in ``roots``), and the groups
+    refused with their reasons; each group's dependency search is bounded by ``budget``
+    (default ``SearchBudget()``)."""
     import torch_pruning as tp
 
     groups: list[CoupledGroup] = []
     refused: dict[str, str] = {}
     claimed: dict[tuple[int, int], str] = {}
-    for name, tp_group in _tp_groups(trace, refused):
+    for name, tp_group in _tp_groups(trace, refused, budget or SearchBudget(), roots):
         try:
             coupled = _coupled(trace, tp_group, exclude_output)
         except _Refused as why:
@@ -269,45 +291,6 @@ def coupled_groups(
                         raise PrunescopeError(f"channel {i} of {trace.names.get(dep.target.module)} is claimed by groups {owner} and {name}")
         groups.append(coupled)
     return groups, refused
-
-
-def find_channel_groups(
-    model: nn.Module, example_inputs: Any, *, exclude_output: bool = True, strict: bool = False
-) -> list[UnitGroup]:
-    """Every independently removable set of channels of a CNN or MLP, as ``"channel"`` UnitGroups.
-
-    Args:
-        model: the model; left exactly as it was (it is traced once, in eval mode, with grad).
-        example_inputs: one batch as the model takes it (a tensor, ``(inputs, labels)``, or a dict
-            of keyword arguments); a small spatial size is enough unless the model needs a fixed one.
-        exclude_output: leave out groups that would change the model's output (the classifier's
-            output features). With ``False`` they are included, their output rows have role
-            ``"output"``, and only shrinking (not masking) can remove them.
-        strict: raise instead of warning when a group passes through an op or module that
-            prunescope cannot remove exactly (the error names the op and the module).
-
-    Returns:
-        One group per coupled channel set, named by its first producer (a Conv or Linear module
-        name); ``units`` are channels (slots of ``g`` channels for grouped convs),
-        ``params_per_unit`` counts parameters in every coupled slice, ``flops_per_unit`` is
-        2 x multiply-accumulates per sample on ``example_inputs`` in the Conv/Linear weights.
-    """
-    trace = trace_channels(model, example_inputs)
-    groups, refused = coupled_groups(trace, exclude_output=exclude_output)
-    if refused:
-        detail = "; ".join(f"{name}: {why}" for name, why in list(refused.items())[:3])
-        more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
-        if strict:
-            raise PrunescopeError(f"{len(refused)} channel group(s) cannot be pruned exactly: {detail}{more}")
-        warnings.warn(f"prunescope leaves {len(refused)} channel group(s) unpruned: {detail}{more}", stacklevel=2)
-    if not groups:
-        raise PrunescopeError(f"{type(model).__name__} has no prunable channel group")
-    return [g.group for g in groups]
-
-
-def refused_channel_groups(model: nn.Module, example_inputs: Any) -> dict[str, str]:
-    """Groups :func:`find_channel_groups` leaves out (other than the output), each with its reason."""
-    return coupled_groups(trace_channels(model, example_inputs))[1]
 
 
 def bn_scales(model: nn.Module, group: UnitGroup) -> torch.Tensor:
