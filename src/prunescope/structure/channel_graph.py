@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..batches import run_model
 from ..errors import PrunescopeError
+from ..modes import eval_mode
 
 # Autograd ops (grad_fn names without the "Backward<n>" suffix) that never mix channels, so
 # treating them as elementwise is right: activations, arithmetic with broadcasting, spatial
@@ -119,19 +120,9 @@ def _module_stack(model: nn.Module) -> Iterator[list[str]]:
 @contextmanager
 def _traceable(model: nn.Module) -> Iterator[None]:
     """Eval mode and requires_grad on every parameter during the trace; both restored after."""
-    training = [(m, m.training) for m in model.modules()]
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    try:
-        for p in frozen:
-            p.requires_grad_(True)
-        model.eval()
-        with torch.enable_grad():
-            yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-        for module, flag in training:
-            module.training = flag
+    with eval_mode(model, frozen), torch.enable_grad():
+        yield
 
 
 class _Blocked:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..batches import logits_of, run_model, split_batch
 from ..errors import PrunescopeError, forward_failed
+from ..modes import eval_mode
 from .channel_graph import trace_channels
 from .channel_mask import mask_channels
 from .channels import CoupledGroup, coupled_groups
@@ -70,18 +71,13 @@ def prune_traced(trace: Any, chosen: dict[str, tuple[CoupledGroup, list[int]]]) 
 
 
 def _output(model: nn.Module, example: Any) -> torch.Tensor:
-    flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             return logits_of(run_model(model, example)).detach().float()
     except PrunescopeError:
         raise
     except Exception as error:
         raise forward_failed(error, "the example inputs") from error
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def masked_output(model: nn.Module, groups: Sequence, removals: Mapping[str, Sequence[int]], example: Any) -> torch.Tensor:
