@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .checks import real_module
 from .errors import PrunescopeError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,11 +114,33 @@ def load_python(target: str, spec: str) -> LoadedModel:
         factory = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as error:
         raise PrunescopeError(f"cannot load {module_name}:{function_name}: {error}") from None
-    result = factory()
+    except Exception as error:  # the user's module failed while importing
+        raise PrunescopeError(f"importing {module_name} failed: {_brief(error)}") from error
+    if not callable(factory):
+        raise PrunescopeError(f"{module_name}:{function_name} is a {type(factory).__name__}, not a function returning a model")
+    try:
+        result = factory()
+    except Exception as error:  # the user's factory failed: say so briefly
+        raise PrunescopeError(f"model factory {module_name}:{function_name} raised {_brief(error)}") from error
+    if isinstance(result, tuple) and len(result) != 2:
+        raise PrunescopeError(f"{module_name}:{function_name} returned a tuple of {len(result)}; return a model or (model, evaluator)")
     model, evaluator = (result if isinstance(result, tuple) else (result, None))
     if not isinstance(model, torch.nn.Module):
         raise PrunescopeError(f"{module_name}:{function_name} must return a torch.nn.Module or (model, evaluator)")
+    real_module(model, f"the model of {module_name}:{function_name}")
+    if evaluator is not None:
+        from .evaluator import Evaluator
+
+        if not isinstance(evaluator, Evaluator):
+            raise PrunescopeError(f"{module_name}:{function_name} returned a {type(evaluator).__name__} as the evaluator; "
+                                  "return (model, prunescope.Evaluator(model, batches, metric))")
+        evaluator.check_model(model)
     return LoadedModel(model, spec, "custom", evaluator=evaluator)
+
+
+def _brief(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
 def load_model(spec: str, progress: bool = False) -> LoadedModel:

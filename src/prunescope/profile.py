@@ -11,7 +11,9 @@ from typing import Any
 
 from .atomic import write_text_atomic
 from .errors import PrunescopeError
+from .jsonfile import parse_json, read_text, strict_json
 from .levels import is_nm_key
+from .schema import cell_arguments, profile_arguments
 from .targets import Target
 
 FORMAT_VERSION = 1
@@ -39,8 +41,9 @@ class Cell:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Cell:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+    def from_dict(cls, data: dict, source: str = "cell") -> Cell:
+        """A cell from its dict, checked: null ``value``/``change`` read as NaN (strict JSON has no NaN)."""
+        return cls(**cell_arguments(data, source, "cell"))
 
 
 @dataclass
@@ -95,20 +98,20 @@ class Profile:
         return {"format": "prunescope.profile", "version": FORMAT_VERSION, **data}
 
     @classmethod
-    def from_dict(cls, data: dict) -> Profile:
-        if data.get("format") != "prunescope.profile":
-            raise PrunescopeError("not a prunescope profile (missing format: prunescope.profile)")
-        kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
-        kwargs["targets"] = [Target.from_dict(t) for t in data["targets"]]
-        kwargs["cells"] = [Cell.from_dict(c) for c in data["cells"]]
+    def from_dict(cls, data: dict, source: str = "profile") -> Profile:
+        """A profile from its dict, every field checked; a refusal names ``source`` and the field."""
+        kwargs = profile_arguments(data, source, FORMAT_VERSION)
+        kwargs["targets"] = [Target.from_dict(t) for t in kwargs["targets"]]
+        kwargs["cells"] = [Cell(**c) for c in kwargs["cells"]]
         return cls(**kwargs)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        """Strict JSON: a NaN is written as null, an infinity as 1e999 (see :func:`prunescope.jsonfile.strict_json`)."""
+        return strict_json(self.to_dict(), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> Profile:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: str = "profile") -> Profile:
+        return cls.from_dict(parse_json(text, source), source)
 
     def save(self, path: str | Path) -> Path:
         """Write JSON (or CSV when the path ends in .csv) atomically."""
@@ -117,11 +120,11 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
+        """Read a profile file (.json, or .csv), refusing a damaged or hand-broken one with one line."""
         path = Path(path)
-        if not path.exists():
-            raise PrunescopeError(f"profile file {path} does not exist")
-        text = path.read_text()
-        return cls.from_csv(text) if path.suffix == ".csv" else cls.from_json(text)
+        source = f"profile file {path}"
+        text = read_text(path, "profile file")
+        return cls.from_csv(text, source) if path.suffix == ".csv" else cls.from_json(text, source)
 
     # ---- CSV: one row per cell; profile fields in a leading '# prunescope-profile' comment line
     _CSV_TARGET = ("kind", "shape", "params", "flops", "input_dim", "granularity", "parameter", "group")
@@ -144,10 +147,21 @@ class Profile:
         return out.getvalue()
 
     @classmethod
-    def from_csv(cls, text: str) -> Profile:
+    def from_csv(cls, text: str, source: str = "profile CSV") -> Profile:
+        if not text.startswith("# prunescope-profile "):
+            raise PrunescopeError(f"{source} is not a prunescope profile CSV (missing '# prunescope-profile' first line)")
+        try:
+            meta = cls._csv_meta(text)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            if isinstance(error, PrunescopeError):
+                raise
+            raise PrunescopeError(f"{source} is damaged: {type(error).__name__}: {error}") from None
+        return cls.from_dict(meta, source)
+
+    @classmethod
+    def _csv_meta(cls, text: str) -> dict:
+        """The profile dict a CSV holds (the meta line and its rows), before the checks of from_dict."""
         first, _, body = text.partition("\n")
-        if not first.startswith("# prunescope-profile "):
-            raise PrunescopeError("not a prunescope profile CSV (missing '# prunescope-profile' first line)")
         meta = json.loads(first[len("# prunescope-profile ") :])
         targets = {t["name"]: t for t in meta["targets"]}
         cells = []
@@ -169,7 +183,7 @@ class Profile:
             targets.setdefault(row["target"], {"name": row["target"], **extra})
         meta["targets"] = [targets[name] for name in meta.pop("target_names")]
         meta["cells"] = [c.to_dict() for c in cells]
-        return cls.from_dict(meta)
+        return meta
 
     def to_dataframe(self):
         """The cells as a pandas DataFrame (needs pandas), with each target's params and FLOPs."""

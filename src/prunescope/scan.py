@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .checks import whole_numbers
 from .cost import CostModel
 from .errors import PrunescopeError
 from .evaluator import Evaluator
@@ -25,6 +26,7 @@ from .levels import DEFAULT_LEVELS, Level, NMPattern, level_key, level_sparsity,
 from .masks import CALIBRATED_CRITERIA, check_criterion, check_nm_compatible, keep_mask, magnitude_order
 from .profile import Cell, Profile
 from .progress import progress_bar
+from .scan_checks import check_unit_levels
 from .shards import shard_targets
 from .stats import PairedChange, paired_change
 from .store import CellStore
@@ -105,6 +107,7 @@ def scan(
     """
     if not isinstance(evaluator, Evaluator):
         raise PrunescopeError("evaluator must be a prunescope.Evaluator built on the model and its batches")
+    evaluator.check_model(model)
     parsed_levels = parse_levels(levels)
     if max_drop is not None and not max_drop > 0:
         raise PrunescopeError(f"max_drop must be positive (metric units); got {max_drop}")
@@ -116,6 +119,7 @@ def scan(
         raise PrunescopeError(f"mode 'adaptive' needs a positive tolerance (half-width of the change's interval, metric units); got {tolerance}")
     if isinstance(min_batches, bool) or not isinstance(min_batches, int) or min_batches < 1:
         raise PrunescopeError(f"min_batches must be a whole number >= 1 (batches an adaptive cell sees before it may stop); got {min_batches!r}")
+    whole_numbers(seed=seed, cache_bytes=cache_bytes)
     check_execution(workers, executor)
     fingerprint_before = model_fingerprint(model)
     if targets is None:
@@ -152,6 +156,7 @@ def scan(
             raise PrunescopeError(f"N:M levels apply to weights only; {granularity} targets take fractions of their units")
         if granularity == "block":
             parsed_levels = [1.0]
+        check_unit_levels(targets, parsed_levels, round_to)
         for t in targets:  # refuse a level that empties a group before any work
             for level in parsed_levels:
                 units_removed(model, t, level, criterion, seed, round_to)
@@ -188,17 +193,21 @@ def scan(
                     **({"shard": list(shard)} if shard is not None else {})}
         cell_store = CellStore(store, identity)
 
-    if parallel:
-        tasks, done = _pending(targets, cell_store, settings, evaluator.higher_is_better)
-        def home() -> TargetRunner:
-            return TargetRunner(model, evaluator, targets, settings, dense_stats=dense_stats, eager=False)
+    try:  # the store's lock is released however the scan ends
+        if parallel:
+            tasks, done = _pending(targets, cell_store, settings, evaluator.higher_is_better)
+            def home() -> TargetRunner:
+                return TargetRunner(model, evaluator, targets, settings, dense_stats=dense_stats, eager=False)
 
-        cells, provenance["execution"], summary = run_parallel(payload, targets, tasks, done, level_keys, cell_store,
-                                                               executor, workers, progress,
-                                                               home if executor == "local" else None)
-    else:
-        runner = TargetRunner(model, evaluator, targets, settings, dense_stats=dense_stats)
-        cells, summary = _scan_in_process(runner, targets, level_keys, cell_store, progress)
+            cells, provenance["execution"], summary = run_parallel(payload, targets, tasks, done, level_keys, cell_store,
+                                                                   executor, workers, progress,
+                                                                   home if executor == "local" else None)
+        else:
+            runner = TargetRunner(model, evaluator, targets, settings, dense_stats=dense_stats)
+            cells, summary = _scan_in_process(runner, targets, level_keys, cell_store, progress)
+    finally:
+        if cell_store is not None:
+            cell_store.close()
     if summary is not None:
         provenance["incremental"] = summary
     return Profile(

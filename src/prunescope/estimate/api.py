@@ -127,6 +127,8 @@ def estimate(
         report work unchanged. Intervals are None. ``provenance`` holds the method, the loss
         differentiated, the units, the calibration samples and the seconds spent.
     """
+    if isinstance(data, Evaluator):
+        data.check_model(model)
     started = time.perf_counter()
     spec = _method(method)
     parsed_levels = parse_levels(levels)

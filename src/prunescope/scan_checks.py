@@ -1,0 +1,98 @@
+"""Checks a scan (or estimate) makes before any work: the criterion for a granularity, and the levels
+that every unit group can take, with the levels to use when none are given."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .checks import whole_number
+from .errors import PrunescopeError
+from .levels import DEFAULT_LEVELS, NMPattern, level_key
+from .masks import CALIBRATED_CRITERIA, check_criterion
+from .structure.unit_criteria import units_to_remove
+from .structured import structured_criterion
+from .targets import GRANULARITIES, Target
+
+UNIT_GRANULARITIES = ("channel", "head", "neuron")
+"""Granularities whose levels are fractions of a group's units (a block is removed whole)."""
+
+
+def check_scan_criterion(criterion: str, granularity: str) -> str:
+    """Refuse a criterion the granularity cannot take (needs no model, so it runs before one is loaded)."""
+    if granularity not in GRANULARITIES:
+        raise PrunescopeError(f"granularity {granularity!r} is not supported; accepted: {', '.join(GRANULARITIES)}")
+    if granularity == "weight":
+        return check_criterion(criterion)
+    if criterion in CALIBRATED_CRITERIA:
+        raise PrunescopeError(f"criterion {criterion!r} prunes elements of Linear weights; {granularity} targets take "
+                              "magnitude (= l2), l1, l2, bn_scale or random")
+    unit_criterion = structured_criterion(criterion)
+    if unit_criterion == "bn_scale" and granularity != "channel":
+        raise PrunescopeError("criterion 'bn_scale' ranks channel groups only; use l1, l2 or random")
+    return criterion
+
+
+def units_kept(target: Target, level: float, round_to: int | None = None) -> int:
+    """How many of ``target``'s units a level keeps (the scan's own count; refuses one that keeps too few)."""
+    group = target.group
+    return group.units - len(units_to_remove([0.0] * group.units, level, group.units, round_to, group.min_units))
+
+
+def _problem(target: Target, level: float, round_to: int | None) -> str | None:
+    """Why ``level`` cannot apply to ``target``'s group, or None when it removes some units and keeps enough."""
+    group = target.group
+    try:
+        kept = units_kept(target, level, round_to)
+    except PrunescopeError:
+        kept = None
+    rounding = f" with round_to={round_to}" if round_to else ""
+    if kept is None or kept < group.min_units:
+        return f"would keep too few of its {group.units} units{rounding} (at least {group.min_units} must remain)"
+    if kept == group.units:
+        return f"removes none of its {group.units} units{rounding}"
+    return None
+
+
+def unit_levels(targets: Sequence[Target], round_to: int | None = None) -> list[float]:
+    """Levels every unit group of ``targets`` can take: the default levels when each removes a distinct,
+    non-zero count from every group, else the fractions k/units of the smallest group that do."""
+    whole_number(round_to, "round_to", optional=True)
+    groups = [t for t in targets if t.granularity in UNIT_GRANULARITIES and t.group is not None]
+    if not groups:
+        return list(DEFAULT_LEVELS)
+    smallest = min(t.group.units for t in groups)
+    candidates = list(DEFAULT_LEVELS) if smallest > len(DEFAULT_LEVELS) else [round(k / smallest, 4) for k in range(1, smallest)]
+    chosen, counts = [], set()
+    for level in candidates:
+        if all(_problem(t, level, round_to) is None for t in groups):
+            kept = tuple(units_kept(t, level, round_to) for t in groups)
+            if kept not in counts:  # a level that removes what an earlier one removed everywhere adds nothing
+                chosen.append(level)
+                counts.add(kept)
+    if not chosen:
+        sizes = sorted({t.group.units for t in groups})
+        raise PrunescopeError(f"no level removes some units of every {groups[0].granularity} group and keeps enough: the "
+                              f"groups have {', '.join(map(str, sizes[:6]))} units{f' (round_to={round_to})' if round_to else ''}; "
+                              "exclude the smallest groups")
+    return chosen
+
+
+def check_unit_levels(targets: Sequence[Target], levels: Sequence[float | NMPattern], round_to: int | None = None) -> None:
+    """Refuse a level that some unit group cannot take (it would keep too few units, or remove none),
+    naming the level, the group and its unit count, and the levels every group can take."""
+    whole_number(round_to, "round_to", optional=True)
+    for level in levels:
+        if isinstance(level, NMPattern):
+            continue
+        for target in targets:
+            if target.granularity not in UNIT_GRANULARITIES or target.group is None:
+                continue
+            problem = _problem(target, float(level), round_to)
+            if problem is not None:
+                try:
+                    fitting = ", ".join(level_key(v) for v in unit_levels(targets, round_to))
+                    hint = f"levels every group can take: {fitting}"
+                except PrunescopeError as error:
+                    hint = str(error)
+                raise PrunescopeError(f"level {level_key(level)} cannot apply to {target.granularity} group {target.name}: "
+                                      f"it {problem}; {hint}")
