@@ -13,16 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from . import cli_options as options
 from .checks import whole_number
-from .cli_options import (
-    check_data_options,
-    check_estimate_method,
-    check_profile_out,
-    check_scan_options,
-    check_unit_options,
-    levels_for,
-    parse_shard,
-)
 from .errors import PrunescopeError
 from .outputs import check_output_file, check_output_folder
 
@@ -50,7 +42,7 @@ def _load(model_spec: str, data_spec: str | None, samples: int | None, batch_siz
     from .evaluator import Evaluator
     from .models import load_model
 
-    check_data_options(samples, batch_size, seq_len, first_window, split, metric)
+    options.check_data_options(samples, batch_size, seq_len, first_window, split, metric)
     started = time.perf_counter()
     loaded = load_model(model_spec, progress=True)
     if loaded.evaluator is not None and data_spec is None:
@@ -119,12 +111,12 @@ def scan(
 
     try:  # every check that needs no model first, so a bad option costs no loading and writes nothing
         check_execution(workers, executor)
-        parsed_shard = parse_shard(shard)
+        parsed_shard = options.parse_shard(shard)
         parsed_levels = parse_levels_text(levels) if levels is not None else None
-        check_unit_options(granularity, criterion, head_mode, round_to)
-        check_scan_options(mode, tolerance, min_batches, seed, cache_mb, max_drop)
-        check_data_options(samples, batch_size, seq_len, first_window, split, metric)
-        check_profile_out(out)
+        options.check_unit_options(granularity, criterion, head_mode, round_to)
+        options.check_scan_options(mode, tolerance, min_batches, seed, cache_mb, max_drop)
+        options.check_data_options(samples, batch_size, seq_len, first_window, split, metric)
+        options.check_profile_out(out)
         if store is not None:
             check_store_free(store)
         loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
@@ -134,7 +126,7 @@ def scan(
             skipped = default_excludes(loaded.model)
             if skipped:
                 _echo("excluded by default (pass --exclude none to keep): " + ", ".join(f"{n} ({r})" for n, r in skipped.items()))
-        parsed_levels, note = levels_for(granularity, targets, parsed_levels, round_to)
+        parsed_levels, note = options.levels_for(granularity, targets, parsed_levels, round_to)
         if note:
             _echo(note)
         console.print(f"{len(targets)} targets x {1 if granularity == 'block' else len(parsed_levels)} levels")
@@ -163,7 +155,7 @@ def merge(
         missing = [str(p) for p in shards if not p.is_file()]
         if missing:
             raise PrunescopeError(f"no such profile file: {', '.join(missing)}")
-        check_profile_out(out)
+        options.check_profile_out(out)
         profile = merge_profiles(shards)
         _save_profile(profile, out)
     except PrunescopeError as error:
@@ -203,16 +195,16 @@ def estimate(
 
     try:  # every check that needs no model first
         parsed_levels = parse_levels_text(levels) if levels is not None else None
-        check_estimate_method(method, granularity)
-        check_unit_options(granularity, None if method == "obs" else criterion, head_mode, round_to)
+        options.check_estimate_method(method, granularity)
+        options.check_unit_options(granularity, None if method == "obs" else criterion, head_mode, round_to)
         whole_number(seed, "--seed", 0)
-        check_data_options(samples, batch_size, seq_len, first_window, split, metric)
+        options.check_data_options(samples, batch_size, seq_len, first_window, split, metric)
         check_output_file(out, "--out")
         measured = Profile.load(compare) if compare is not None else None
         loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
         targets = find_targets(loaded.model, granularity, include=include, exclude=_patterns(exclude),
                                example=evaluator.batches[0], head_mode=head_mode)
-        parsed_levels, note = levels_for(granularity, targets, parsed_levels, round_to)
+        parsed_levels, note = options.levels_for(granularity, targets, parsed_levels, round_to)
         if note:
             _echo(note)
         console.print(f"{len(targets)} targets x {1 if granularity == 'block' else len(parsed_levels)} levels; method {method}")
@@ -307,7 +299,7 @@ def prune(
     try:  # the options, the plan and the output folder before the model is loaded
         check_output_folder(out, "--out")
         whole_number(calibration_samples, "--calibration-samples")
-        check_data_options(samples, batch_size, seq_len, first_window, split, metric)
+        options.check_data_options(samples, batch_size, seq_len, first_window, split, metric)
         if level is not None:
             if compare_uniform or mode != "mask":
                 raise PrunescopeError("--level prunes uniformly in one shot: it takes neither --compare-uniform nor --mode shrink")

@@ -63,9 +63,10 @@ def parse_json(text: str, source: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        truncated = "; the file looks truncated" if error.pos >= len(text.rstrip()) else ""
+        cut = error.pos >= len(text.rstrip()) or (error.msg.startswith("Unterminated") and "\n" not in text[error.pos:])
         raise PrunescopeError(
-            f"{source} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}{truncated}"
+            f"{source} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
+            + ("; it looks truncated" if cut and text.strip() else "")
         ) from None
     except RecursionError:
         raise PrunescopeError(f"{source} is not valid JSON: nested too deeply") from None

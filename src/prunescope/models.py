@@ -120,6 +120,8 @@ def load_python(target: str, spec: str) -> LoadedModel:
         raise PrunescopeError(f"{module_name}:{function_name} is a {type(factory).__name__}, not a function returning a model")
     try:
         result = factory()
+    except PrunescopeError as error:  # e.g. the Evaluator it builds refused its batches
+        raise PrunescopeError(f"model factory {module_name}:{function_name}: {error}") from None
     except Exception as error:  # the user's factory failed: say so briefly
         raise PrunescopeError(f"model factory {module_name}:{function_name} raised {_brief(error)}") from error
     if isinstance(result, tuple) and len(result) != 2:

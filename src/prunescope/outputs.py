@@ -30,7 +30,7 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
     """
     path = Path(path)
     if path.is_dir():
-        raise PrunescopeError(f"{what} {path} is a folder; give a file path such as {path / 'profile.json'}")
+        raise PrunescopeError(f"{what} {path} is a folder; give a file path")
     if path.exists():
         if not os.access(path, os.R_OK | os.W_OK):
             raise PrunescopeError(f"cannot write {what} {path}: the file is not writable")

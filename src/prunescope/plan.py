@@ -142,11 +142,13 @@ class Plan:
                                           "the plan was made for another model")
             return
         groups = self.details.get("groups") or {}
-        tensors = {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        tensors = {**dict(model.named_buffers(remove_duplicate=False)), **parameters}
         for name in self.levels:
             group = groups.get(name)
             if group is None:
                 continue  # apply() refuses a structured plan without its groups
+            per_unit = 0
             for piece in group["slices"]:
                 tensor = tensors.get(piece["tensor"])
                 end = piece.get("offset", 0) + group["units"] * piece.get("width", 1)
@@ -154,6 +156,11 @@ class Plan:
                     found = "no such tensor" if tensor is None else f"shape {tuple(tensor.shape)}"
                     raise PrunescopeError(f"plan group {name} ({group['units']} units) needs {piece['tensor']} to reach "
                                           f"{end} along axis {piece['dim']}; this model has {found}: the plan was made for another model")
+                if piece["tensor"] in parameters:
+                    per_unit += piece.get("width", 1) * tensor.numel() // tensor.shape[piece["dim"]]
+            if self.granularity != "block" and per_unit != group["params_per_unit"]:
+                raise PrunescopeError(f"plan group {name} removes {group['params_per_unit']:,} parameters per unit; in this model "
+                                      f"its tensors hold {per_unit:,} per unit: the plan was made for another model")
 
     def check_profile(self, profile: Any) -> None:
         """Refuse a plan whose targets are not the ``profile``'s (names, granularity, parameter counts)."""
