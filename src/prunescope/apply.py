@@ -47,7 +47,7 @@ def apply(
     masks differ from the scan's (which pruned one layer of the dense model at a time). SparseGPT
     also updates the kept weights; the masks are registered the same way.
     """
-    plan.check_model(model)  # names and sizes are this model's
+    Plan.check_for(plan, model)  # a Plan, whose names and sizes are this model's
     if mode not in MODES:
         raise PrunescopeError(f"unknown apply mode {mode!r}; accepted: {', '.join(MODES)}")
     if plan.granularity != "weight":

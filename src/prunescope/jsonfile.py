@@ -81,7 +81,7 @@ def _kind(value: Any) -> str:
         return "a number"
     if isinstance(value, str):
         return "a string"
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return "an array"
     if isinstance(value, dict):
         return "an object"
@@ -177,10 +177,11 @@ class Fields:
         return value
 
     def array(self, key: str, *, default: Any = _MISSING) -> list:
+        """A JSON array (a list or tuple when the dict was built in Python), as a list."""
         value = self.get(key, default)
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             self.fail(key, f"must be an array; got {_kind(value)}")
-        return value
+        return list(value)
 
     def child(self, key: str | int, value: Any = _MISSING) -> Fields:
         """The object at ``key`` (or ``value``, an item of an array at index ``key``) as Fields."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,12 @@ class Plan:
     details: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.levels, Mapping) or not isinstance(self.params, Mapping):
+            raise PrunescopeError("a plan takes levels and params as mappings from target name to level and to parameter count")
         self.levels, self.params = dict(self.levels), dict(self.params)
+        for name, count in self.params.items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise PrunescopeError(f"plan parameter count of {name!r} must be a whole number >= 0; got {count!r}")
         for name, level in self.levels.items():
             if name not in self.params:
                 raise PrunescopeError(f"plan level for {name!r} has no parameter count")
@@ -122,6 +128,16 @@ class Plan:
         return cls.from_json(read_text(path, "plan file"), f"plan file {path}")
 
     # ---- the model or profile a plan is used with ---------------------------------------------
+    @staticmethod
+    def check_for(plan: Any, model: Any) -> Plan:
+        """``plan`` checked to be a Plan made for ``model`` (a torch.nn.Module): see :meth:`check_model`."""
+        if not isinstance(plan, Plan):
+            raise PrunescopeError(f"plan must be a prunescope.Plan (see allocate, Plan.load); got {type(plan).__name__}")
+        if not isinstance(model, nn.Module):
+            raise PrunescopeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        plan.check_model(model)
+        return plan
+
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model whose layers or sizes are not those this plan was made for.
 

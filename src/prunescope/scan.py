@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checks import whole_numbers
 from .cost import CostModel
 from .errors import PrunescopeError
 from .evaluator import Evaluator
@@ -26,7 +25,7 @@ from .levels import DEFAULT_LEVELS, Level, NMPattern, level_key, level_sparsity,
 from .masks import CALIBRATED_CRITERIA, check_criterion, check_nm_compatible, keep_mask, magnitude_order
 from .profile import Cell, Profile
 from .progress import progress_bar
-from .scan_checks import check_unit_levels
+from .scan_checks import check_scan_arguments, check_unit_levels
 from .shards import shard_targets
 from .stats import PairedChange, paired_change
 from .store import CellStore
@@ -108,6 +107,8 @@ def scan(
     if not isinstance(evaluator, Evaluator):
         raise PrunescopeError("evaluator must be a prunescope.Evaluator built on the model and its batches")
     evaluator.check_model(model)
+    check_scan_arguments(targets=targets, seed=seed, cache_bytes=cache_bytes, confidence=confidence, max_drop=max_drop,
+                         tolerance=tolerance, round_to=round_to)
     parsed_levels = parse_levels(levels)
     if max_drop is not None and not max_drop > 0:
         raise PrunescopeError(f"max_drop must be positive (metric units); got {max_drop}")
@@ -119,7 +120,6 @@ def scan(
         raise PrunescopeError(f"mode 'adaptive' needs a positive tolerance (half-width of the change's interval, metric units); got {tolerance}")
     if isinstance(min_batches, bool) or not isinstance(min_batches, int) or min_batches < 1:
         raise PrunescopeError(f"min_batches must be a whole number >= 1 (batches an adaptive cell sees before it may stop); got {min_batches!r}")
-    whole_numbers(seed=seed, cache_bytes=cache_bytes)
     check_execution(workers, executor)
     fingerprint_before = model_fingerprint(model)
     if targets is None:

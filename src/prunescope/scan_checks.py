@@ -4,8 +4,9 @@ that every unit group can take, with the levels to use when none are given."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from .checks import whole_number
+from .checks import whole_number, whole_numbers
 from .errors import PrunescopeError
 from .levels import DEFAULT_LEVELS, NMPattern, level_key
 from .masks import CALIBRATED_CRITERIA, check_criterion
@@ -30,6 +31,26 @@ def check_scan_criterion(criterion: str, granularity: str) -> str:
     if unit_criterion == "bn_scale" and granularity != "channel":
         raise PrunescopeError("criterion 'bn_scale' ranks channel groups only; use l1, l2 or random")
     return criterion
+
+
+def _real(value: Any, name: str, optional: bool = True) -> None:
+    if (value is None and optional) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return
+    raise PrunescopeError(f"{name} must be a number{' or None' if optional else ''}; got {value!r}")
+
+
+def check_scan_arguments(*, targets: Any, seed: Any, cache_bytes: Any, confidence: Any, max_drop: Any, tolerance: Any,
+                         round_to: Any) -> None:
+    """The types of scan's arguments (their ranges are checked by scan): targets None or a list of Targets,
+    ``seed`` and ``cache_bytes`` whole numbers >= 0, ``round_to`` None or >= 1, the rest numbers."""
+    if targets is not None and (isinstance(targets, (str, Target)) or not isinstance(targets, Sequence)
+                                or not all(isinstance(t, Target) for t in targets)):
+        raise PrunescopeError("targets must be a list of Target (from find_targets) or None for the default")
+    whole_numbers(seed=seed, cache_bytes=cache_bytes)
+    whole_number(round_to, "round_to", optional=True)
+    _real(confidence, "confidence", optional=False)
+    _real(max_drop, "max_drop")
+    _real(tolerance, "tolerance")
 
 
 def units_kept(target: Target, level: float, round_to: int | None = None) -> int:

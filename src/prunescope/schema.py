@@ -107,7 +107,7 @@ def costs_of(f: Fields) -> dict | None:
         return None
     c = f.child("costs")
     for name, shape in c.mapping("shapes").items():
-        if not isinstance(shape, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+        if not isinstance(shape, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
             c.fail("shapes", f"entry {name!r} must be an array of whole numbers >= 0; got {shape!r}")
     flops = c.child("flops", c.mapping("flops"))
     for name in flops.data:

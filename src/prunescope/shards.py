@@ -50,6 +50,8 @@ def merge_profiles(profiles: Sequence[Profile | str | Path]) -> Profile:
     fields), and a missing or repeated shard. The merged profile keeps the first shard's dense
     value, costs and provenance, with ``provenance["merged_shards"] = n`` instead of ``"shard"``.
     """
+    if isinstance(profiles, (str, Path, Profile)):
+        raise PrunescopeError("merge_profiles takes a list of shard profiles (or their files), one per shard")
     loaded = [p if isinstance(p, Profile) else Profile.load(p) for p in profiles]
     if not loaded:
         raise PrunescopeError("merge_profiles needs the profiles of every shard; got none")
