@@ -11,12 +11,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prunescope"
 
 LAYERS = {
-    1: ["errors", "atomic", "progress", "stats", "batches", "modes", "layer_kinds", "version", "fingerprint"],
-    2: ["levels", "metrics", "evaluator", "target", "profile", "plan", "criteria", "identity", "store", "structure.groups", "profile_csv"],
+    1: ["errors", "atomic", "progress", "stats", "batches", "modes", "layer_kinds", "version", "fingerprint", "jsonfile", "checks",
+        "python_factory", "outputs"],
+    2: ["levels", "metrics", "evaluator", "target", "profile", "plan", "criteria", "identity", "store", "structure.groups", "profile_csv", "schema"],
     3: ["masks", "weight_masks", "structure", "cost", "latency", "oneshot", "incremental", "cell_measure", "cell_runner",
-        "targets", "structured", "digits"],
+        "targets", "structured", "digits", "scan_checks"],
     4: ["scan", "execution", "estimate", "allocate", "apply", "report", "report_text", "report_tables", "report_curves", "loading", "export", "shards", "data", "models"],
-    5: ["cli", "demo", ""],
+    5: ["cli", "cli_options", "demo", ""],
 }
 """Layer of each module (a package name covers its submodules unless one is listed itself):
 1 utilities, 2 data model, 3 mechanics, 4 steps, 5 shells (the package itself re-exports the API)."""

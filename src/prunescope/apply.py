@@ -53,8 +53,7 @@ def apply(
     ``prunescope_report`` is the one-shot report (per-layer errors, seconds). ``progress`` shows
     a progress bar where the work is long (calibrated plans).
     """
-    if not isinstance(plan, Plan):
-        raise PrunescopeError(f"plan must be a prunescope.Plan (Plan.load(path) reads a file); got {type(plan).__name__}")
+    Plan.check_for(plan, model)  # a Plan, whose names and sizes are this model's
     if not isinstance(shrink, bool):
         raise PrunescopeError(f"shrink must be True (a physically smaller model) or False (masks); got {shrink!r}")
     if plan.granularity != "weight":

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .errors import PrunescopeError
+
 
 def split_batch(batch: Any) -> tuple[tuple, dict, Any]:
     """Return (positional args, keyword args, labels) for one batch.
@@ -25,10 +27,19 @@ def split_batch(batch: Any) -> tuple[tuple, dict, Any]:
         if isinstance(inputs, Mapping):
             return (), dict(inputs), labels
         return (inputs,), {}, labels
-    raise TypeError(
+    raise PrunescopeError(
         f"unsupported batch of type {type(batch).__name__}: give a tensor, (inputs, labels), "
         "or a dict of model keyword arguments"
     )
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """Samples in one batch: the leading size of its first input tensor (None when it has none)."""
+    args, kwargs, _ = split_batch(batch)
+    for value in (*args, *(kwargs[k] for k in kwargs)):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
 
 
 def run_model(model: torch.nn.Module, batch: Any) -> Any:
@@ -53,7 +64,8 @@ def logits_of(output: Any) -> torch.Tensor:
         return hidden
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+    raise PrunescopeError(f"cannot find logits in a model output of type {type(output).__name__}: return a tensor, "
+                          "a tuple starting with one, or an object with .logits")
 
 
 def batch_fingerprint_tensors(batch: Any) -> list[torch.Tensor]:

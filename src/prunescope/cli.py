@@ -11,19 +11,30 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from . import cli_options as options
+from .checks import whole_number
 from .errors import PrunescopeError
+from .outputs import check_output_file, check_output_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pruning sensitivity analysis for PyTorch models.")
 console = Console()
 
 MODEL_HELP = "digits-cnn | torchvision:NAME | hf:PATH | smollm2 | minilm | python:MODULE:FUNCTION"
 DATA_HELP = "digits | pydoc | text:FILE | random:C,H,W"
+LEVELS_HELP = "comma list (0.3,0.5,2:4) or start:stop:step (default 0.1:0.9:0.1; channel/head/neuron: the fractions every group can take)"
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+    """Print the error literally (no rich markup or emoji codes: '[batch, tokens]' and ':x:' stay as written)."""
+    console.print(Text.assemble(("error: ", "bold red"), str(error)))
     raise typer.Exit(2)
+
+
+def _echo(text: str) -> None:
+    """Print a line holding user text (paths, specs, names) literally."""
+    console.print(Text(text))
 
 
 def _load(model_spec: str, data_spec: str | None, samples: int | None, batch_size: int | None, seq_len: int, first_window: int, split: str, metric: str | None):
@@ -31,6 +42,7 @@ def _load(model_spec: str, data_spec: str | None, samples: int | None, batch_siz
     from .evaluator import Evaluator
     from .models import load_model
 
+    options.check_data_options(samples, batch_size, seq_len, first_window, split, metric)
     started = time.perf_counter()
     loaded = load_model(model_spec, progress=True)
     if loaded.evaluator is not None and data_spec is None:
@@ -42,7 +54,7 @@ def _load(model_spec: str, data_spec: str | None, samples: int | None, batch_siz
             raise PrunescopeError(f"--data is required for model {model_spec!r}; accepted: {DATA_HELP}")
         data = load_data(data_spec, loaded, samples=samples, batch_size=batch_size, seq_len=seq_len, first_window=first_window, split=split)
         evaluator, description = Evaluator(loaded.model, data.batches, metric or data.metric), data.description
-    console.print(f"model {model_spec} loaded in {time.perf_counter() - started:.1f}s; data: {description}; metric: {evaluator.metric.name}")
+    _echo(f"model {model_spec} loaded in {time.perf_counter() - started:.1f}s; data: {description}; metric: {evaluator.metric.name}")
     return loaded, evaluator
 
 
@@ -64,7 +76,7 @@ def scan(
     model: str = typer.Option("digits-cnn", help=MODEL_HELP),
     data: str | None = typer.Option(None, help=DATA_HELP + " (default: digits for digits-cnn)"),
     metric: str | None = typer.Option(None, help="accuracy | loss | perplexity | kl (default: suits the data)"),
-    levels: str = typer.Option("0.1:0.9:0.1", help="comma list (0.3,0.5,2:4) or start:stop:step"),
+    levels: str | None = typer.Option(None, help=LEVELS_HELP),
     criterion: str = typer.Option("magnitude", help="magnitude | random | wanda | sparsegpt (calibrated on the scan's own batches); structured: magnitude (= l2) | l1 | l2 | bn_scale | random"),
     granularity: str = typer.Option("weight", help="weight | channel | head | neuron | block"),
     head_mode: str = typer.Option("kv_group", help="heads: kv_group (a KV group with its query heads) | query"),
@@ -94,20 +106,30 @@ def scan(
     from .levels import parse_levels_text
     from .report import profile_table
     from .scan import scan as run_scan
+    from .store import check_store_free
     from .targets import default_excludes, find_targets
 
-    try:
+    try:  # every check that needs no model first, so a bad option costs no loading and writes nothing
         check_execution(workers, executor)
-        parsed_shard = _parse_shard(shard)
-        parsed_levels = parse_levels_text(levels)
+        parsed_shard = options.parse_shard(shard)
+        parsed_levels = parse_levels_text(levels) if levels is not None else None
+        options.check_unit_options(granularity, criterion, head_mode, round_to)
+        options.check_scan_options(mode, tolerance, min_batches, seed, cache_mb, max_drop)
+        options.check_data_options(samples, batch_size, seq_len, first_window, split, metric)
+        options.check_profile_out(out)
+        if store is not None:
+            check_store_free(store)
         loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
         targets = find_targets(loaded.model, granularity, include=include, exclude=_patterns(exclude),
                                example=evaluator.batches[0], head_mode=head_mode)
         if exclude is None and granularity == "weight":
             skipped = default_excludes(loaded.model)
             if skipped:
-                console.print("excluded by default (pass --exclude none to keep): " + ", ".join(f"{n} ({r})" for n, r in skipped.items()))
-        console.print(f"{len(targets)} targets x {len(parsed_levels)} levels; dense {evaluator.metric.name} = {evaluator.dense.value:.5g}")
+                _echo("excluded by default (pass --exclude none to keep): " + ", ".join(f"{n} ({r})" for n, r in skipped.items()))
+        parsed_levels, note = options.levels_for(granularity, targets, parsed_levels, round_to)
+        if note:
+            _echo(note)
+        console.print(f"{len(targets)} targets x {1 if granularity == 'block' else len(parsed_levels)} levels")
         started = time.perf_counter()
         profile = run_scan(loaded.model, evaluator, targets, levels=parsed_levels, criterion=criterion, store=store, max_drop=max_drop, seed=seed,
                            round_to=round_to, mode=mode, tolerance=tolerance, min_batches=min_batches, incremental=incremental,
@@ -118,17 +140,7 @@ def scan(
     except PrunescopeError as error:
         _fail(error)
     console.print(profile_table(profile))
-    console.print(f"scan took {time.perf_counter() - started:.1f}s; wrote {out}")
-
-
-def _parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` -> ``(I, N)``; the range itself is checked by the scan."""
-    if text is None:
-        return None
-    index, slash, count = text.partition("/")
-    if not slash or not index.strip().isdigit() or not count.strip().isdigit():
-        raise PrunescopeError(f"--shard must be I/N with whole numbers 0 <= I < N (e.g. 0/2); got {text!r}")
-    return int(index), int(count)
+    _echo(f"scan took {time.perf_counter() - started:.1f}s; wrote {out}")
 
 
 @app.command()
@@ -143,11 +155,12 @@ def merge(
         missing = [str(p) for p in shards if not p.is_file()]
         if missing:
             raise PrunescopeError(f"no such profile file: {', '.join(missing)}")
+        options.check_profile_out(out)
         profile = merge_profiles(shards)
         _save_profile(profile, out)
     except PrunescopeError as error:
         _fail(error)
-    console.print(f"merged {len(shards)} shards: {len(profile.targets)} targets, {len(profile.cells)} cells; wrote {out}")
+    _echo(f"merged {len(shards)} shards: {len(profile.targets)} targets, {len(profile.cells)} cells; wrote {out}")
 
 
 @app.command()
@@ -156,7 +169,7 @@ def estimate(
     model: str = typer.Option("digits-cnn", help=MODEL_HELP),
     data: str | None = typer.Option(None, help=DATA_HELP + " (default: digits for digits-cnn)"),
     metric: str | None = typer.Option(None, help="accuracy | loss | perplexity | kl (default: suits the data)"),
-    levels: str = typer.Option("0.1:0.9:0.1", help="comma list (0.3,0.5,2:4) or start:stop:step"),
+    levels: str | None = typer.Option(None, help=LEVELS_HELP),
     criterion: str | None = typer.Option(None, help="the removal estimated, as scan's (default magnitude; obs: sparsegpt): magnitude | random; structured: magnitude (= l2) | l1 | l2 | bn_scale | random"),
     granularity: str = typer.Option("weight", help="weight | channel | head | neuron | block"),
     head_mode: str = typer.Option("kv_group", help="heads: kv_group (a KV group with its query heads) | query"),
@@ -180,13 +193,21 @@ def estimate(
     from .report import estimate_note, profile_table
     from .targets import find_targets
 
-    try:
-        parsed_levels = parse_levels_text(levels)
+    try:  # every check that needs no model first
+        parsed_levels = parse_levels_text(levels) if levels is not None else None
+        options.check_estimate_score(score, granularity)
+        options.check_unit_options(granularity, None if score == "obs" else criterion, head_mode, round_to)
+        whole_number(seed, "--seed", 0)
+        options.check_data_options(samples, batch_size, seq_len, first_window, split, metric)
+        check_output_file(out, "--out")
         measured = Profile.load(compare) if compare is not None else None
         loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window, split, metric)
         targets = find_targets(loaded.model, granularity, include=include, exclude=_patterns(exclude),
                                example=evaluator.batches[0], head_mode=head_mode)
-        console.print(f"{len(targets)} targets x {len(parsed_levels)} levels; score {score}")
+        parsed_levels, note = options.levels_for(granularity, targets, parsed_levels, round_to)
+        if note:
+            _echo(note)
+        console.print(f"{len(targets)} targets x {1 if granularity == 'block' else len(parsed_levels)} levels; score {score}")
         profile = run_estimate(loaded.model, evaluator, targets, score=score, levels=parsed_levels, criterion=criterion, seed=seed,
                                round_to=round_to, progress=True)
         profile.provenance.update({"model_spec": model, "data_spec": data})
@@ -196,7 +217,7 @@ def estimate(
     except PrunescopeError as error:
         _fail(error)
     console.print(profile_table(profile))
-    console.print(f"{estimate_note(profile)}; {profile.provenance['units']}; took {profile.provenance['seconds']:.1f}s; wrote {out}")
+    _echo(f"{estimate_note(profile)}; {profile.provenance['units']}; took {profile.provenance['seconds']:.1f}s; wrote {out}")
 
 
 @app.command()
@@ -216,6 +237,7 @@ def plan(
     from .report import plan_table
 
     try:
+        check_output_file(out, "--out")
         loaded_profile = Profile.load(profile)
         budget = Budget(sparsity, params=params, flops=flops)
         net = None
@@ -237,7 +259,7 @@ def plan(
         costs = f"; parameters {d['params_dense']:,.0f} -> {d['params_after']:,.0f}"
         if "flops_after" in d:
             costs += f", FLOPs/sample {d['flops_dense']:.3g} -> {d['flops_after']:.3g}"
-    console.print(f"wrote {out}: {result.sparsity:.2%} of the scanned parameters{costs}{predicted}")
+    _echo(f"wrote {out}: {result.sparsity:.2%} of the scanned parameters{costs}{predicted}")
 
 
 @app.command()
@@ -273,7 +295,10 @@ def prune(
     from .structured import nonzero_parameters
 
     example_inputs = None  # one batch of model inputs when --data is given (traces channel plans, onnx)
-    try:
+    try:  # the options, the plan and the output folder before the model is loaded
+        check_output_folder(out, "--out")
+        whole_number(calibration_samples, "--calibration-samples")
+        options.check_data_options(samples, batch_size, seq_len, first_window, split, metric)
         if level is not None:
             if compare_uniform or mode != "mask":
                 raise PrunescopeError("--level prunes uniformly in one shot: it takes neither --compare-uniform nor --mode shrink")
@@ -365,7 +390,7 @@ def _prune_oneshot(model_spec: str, level: str, criterion: str, data_spec: str |
                                                   batch_size=batch_size, seq_len=seq_len, first_window=first_window, split=split)
         evaluator, calibration = Evaluator(loaded.model, held_out.batches, metric or held_out.metric), calibration_data.batches
         described = f"evaluation on {held_out.description}" + (f"; calibration on {calibration_data.description}" if is_calibrated(criterion) else "")
-    console.print(f"model {model_spec} loaded in {time.perf_counter() - started:.1f}s; {described}; metric: {evaluator.metric.name}")
+    _echo(f"model {model_spec} loaded in {time.perf_counter() - started:.1f}s; {described}; metric: {evaluator.metric.name}")
     started = time.perf_counter()
     dense = evaluator.dense.value  # before pruning in place (also fixes the reference outputs of kl/cosine)
     params_dense = nonzero_parameters(loaded.model)
@@ -413,15 +438,18 @@ def report(
     from .report import plan_table, profile_table, write_report
 
     try:
+        check_output_folder(out, "--out")
         loaded_profile = Profile.load(profile)
         loaded_plan = Plan.load(plan) if plan else None
+        if loaded_plan is not None:
+            loaded_plan.check_profile(loaded_profile)
         written = write_report(loaded_profile, out, loaded_plan)
     except PrunescopeError as error:
         _fail(error)
     console.print(profile_table(loaded_profile))
     if loaded_plan:
         console.print(plan_table(loaded_plan))
-    console.print("wrote " + ", ".join(str(p) for p in written))
+    _echo("wrote " + ", ".join(str(p) for p in written))
 
 
 @app.command()

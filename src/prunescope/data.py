@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .checks import whole_number
 from .errors import PrunescopeError
 from .models import LoadedModel
 
@@ -46,6 +48,7 @@ def token_windows(
 
 def windows_of(ids: torch.Tensor, seq_len: int, windows: int, first_window: int = 0, batch_size: int = 1) -> list[dict[str, torch.Tensor]]:
     """Windows ``first_window`` .. ``first_window + windows - 1`` of ``seq_len`` tokens of ``ids``, batched."""
+    seq_len, batch_size = whole_number(seq_len, "seq_len"), whole_number(batch_size, "batch_size")
     available = ids.numel() // seq_len
     if windows < 1 or first_window < 0 or first_window + windows > available:
         raise PrunescopeError(
@@ -76,6 +79,12 @@ def split_windows(
 
 def random_inputs(shape: tuple[int, ...], samples: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
     """Standard-normal inputs of ``shape`` per sample, seeded."""
+    whole_number(samples, "samples"), whole_number(batch_size, "batch_size")
+    if not shape or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
+        raise PrunescopeError(f"random input shape {tuple(shape)} must be whole numbers >= 1, e.g. random:3,32,32")
+    gigabytes = samples * math.prod(shape) * 4 / 1e9
+    if gigabytes > 8:
+        raise PrunescopeError(f"{samples} random inputs of shape {tuple(shape)} would take {gigabytes:.0f} GB; use fewer or smaller")
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((samples, *shape), generator=generator)
     return [x[i : i + batch_size] for i in range(0, samples, batch_size)]
@@ -93,8 +102,11 @@ def load_data(
 ) -> Data:
     """Batches for ``loaded`` from a data spec (see ``DATA_SPECS``).
 
-    ``samples`` counts images or token windows; ``split`` picks the digits split (val or test).
+    ``samples`` counts images or token windows (default: every image, 4 windows, 16 random inputs);
+    ``batch_size`` samples per batch (default 120 images, 1 window, 8 random inputs); ``split`` picks
+    the digits split (val or test).
     """
+    check_data_arguments(samples=samples, batch_size=batch_size, seq_len=seq_len, first_window=first_window)
     kind, _, rest = spec.partition(":")
     if spec == "digits":
         from .digits import batches_of, digits_splits
@@ -103,7 +115,9 @@ def load_data(
         if split not in ("val", "test", "train"):
             raise PrunescopeError(f"digits split {split!r}; accepted: train, val, test")
         x, y = getattr(splits, split)
-        if samples:
+        if samples is not None:
+            if samples > len(y):
+                raise PrunescopeError(f"the digits {split} split has {len(y)} images; asked for {samples} samples")
             x, y = x[:samples], y[:samples]
         return Data(batches_of((x, y), batch_size or 120), "accuracy", f"sklearn digits {split} split, {len(y)} images")
     if spec in ("pydoc",) or kind == "text":
@@ -121,6 +135,17 @@ def load_data(
         count = samples or 16
         return Data(random_inputs(shape, count, batch_size or 8), "kl", f"{count} random normal inputs of shape {shape}")
     raise PrunescopeError(f"unknown data spec {spec!r}; accepted: {DATA_SPECS}")
+
+
+def check_data_arguments(*, samples: int | None = None, batch_size: int | None = None, seq_len: int = 512,
+                         first_window: int | None = 0, calibration_samples: int | None = None) -> None:
+    """Refuse counts a data spec cannot take: ``samples`` and ``batch_size`` None or >= 1, ``seq_len`` >= 1,
+    ``first_window`` None or >= 0 (a negative count would silently slice from the end)."""
+    whole_number(samples, "samples", optional=True)
+    whole_number(batch_size, "batch_size", optional=True)
+    whole_number(seq_len, "seq_len")
+    whole_number(first_window, "first_window", 0, optional=True)
+    whole_number(calibration_samples, "calibration samples", optional=True)
 
 
 def _read_text(path: str) -> str:
@@ -148,8 +173,8 @@ def oneshot_data(
     digits: the first ``calibration_samples`` training images, evaluation on ``split``.
     random:C,H,W: ``calibration_samples`` inputs of seed 1 (evaluation inputs use seed 0).
     """
-    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
-        raise PrunescopeError(f"calibration samples must be a positive integer; got {calibration_samples!r}")
+    whole_number(calibration_samples, "calibration samples")
+    check_data_arguments(samples=samples, batch_size=batch_size, seq_len=seq_len, first_window=first_window)
     kind, _, rest = spec.partition(":")
     if spec == "pydoc" or kind == "text":
         text = pydoc_text() if spec == "pydoc" else _read_text(rest)
@@ -166,6 +191,8 @@ def oneshot_data(
         from .digits import batches_of, digits_splits
 
         x, y = digits_splits().train
+        if calibration_samples > len(y):
+            raise PrunescopeError(f"the digits train split has {len(y)} images; asked for {calibration_samples} calibration samples")
         x, y = x[:calibration_samples], y[:calibration_samples]
         return Data(batches_of((x, y), batch_size or 120), "accuracy", f"sklearn digits train split, {len(y)} images"), evaluation
     shape = tuple(evaluation.batches[0].shape[1:])  # random:C,H,W, the one spec left

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,11 +11,14 @@ from rich.table import Table
 from .allocate import allocate
 from .apply import apply
 from .atomic import write_text_atomic
+from .checks import whole_number
 from .cost import CostModel
 from .digits import batches_of, digits_splits, pretrained_digits_cnn
 from .evaluator import Evaluator
+from .jsonfile import strict_json
 from .latency import compare_latency
-from .levels import DEFAULT_LEVELS
+from .levels import DEFAULT_LEVELS, parse_levels
+from .outputs import check_output_folder
 from .plan import Budget
 from .report import plan_table, profile_table, write_report
 from .scan import scan
@@ -43,8 +45,10 @@ def run_demo(
     heatmap.png, channel_profile.json, channel_plan.json, shrunk/ and summary.json into ``out``;
     returns the summary."""
     console = console or Console()
-    out = Path(out)
-    budget = Budget(sparsity)
+    whole_number(epochs, "epochs")  # 0 would cache and report an untrained model
+    out = check_output_folder(out, "demo output folder")
+    budget, structured_budget = Budget(sparsity), Budget(flops=flops)
+    levels, channel_levels = tuple(parse_levels(levels)), tuple(parse_levels(channel_levels))
     model = pretrained_digits_cnn(epochs=epochs, progress=progress)
     splits = digits_splits()
     val = Evaluator(model, batches_of(splits.val), "accuracy")
@@ -68,10 +72,10 @@ def run_demo(
     profile.save(out / "profile.csv")
     plans["threshold"].save(out / "plan.json")
     write_report(profile, out, plans["threshold"])
-    structured = _structured_run(model, val, test, Budget(flops=flops), channel_levels, out, progress)
+    structured = _structured_run(model, val, test, structured_budget, channel_levels, out, progress)
     summary = {"budget_sparsity": sparsity, "epochs": epochs, "levels": profile.levels, "results": results,
                "structured": structured}
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "summary.json", strict_json(summary, indent=1))
 
     console.print(profile_table(profile))
     console.print(plan_table(plans["threshold"]))

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batches import batch_fingerprint_tensors, logits_of, run_model
+from .batches import batch_fingerprint_tensors, batch_size_of, logits_of, run_model, split_batch
+from .checks import real_module
 from .errors import PrunescopeError, forward_failed
 from .metrics import Metric, resolve_metric
 from .modes import eval_mode
@@ -56,16 +57,33 @@ class Evaluator:
         *,
         higher_is_better: bool | None = None,
     ) -> None:
+        real_module(model)
         if batches is None:
             raise PrunescopeError("batches is None: give a non-empty list or iterable of batches")
-        self.batches = list(batches)
+        if isinstance(batches, (torch.Tensor, dict)):
+            raise PrunescopeError(f"batches must be a list (or iterable) of batches; got one {type(batches).__name__}: wrap it as [batch]")
+        try:
+            self.batches = list(batches)
+        except TypeError:
+            raise PrunescopeError(f"batches must be a list (or iterable) of batches; got {type(batches).__name__}") from None
         if not self.batches:
             raise PrunescopeError("the data iterable is empty (or already exhausted): give at least one batch")
+        for index, batch in enumerate(self.batches):
+            _check_batch(batch, index)
         self.model = model
         self.metric = resolve_metric(metric, higher_is_better)
         self._reference: list[torch.Tensor] | None = None
         self._dense: Evaluation | None = None
         self._fingerprint: str | None = None
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a model other than the one this evaluator was built on: its dense values and reference
+        outputs come from that model, so cells measured on another would be compared with the wrong dense."""
+        if model is not self.model:
+            raise PrunescopeError(
+                "the model is not the evaluator's: its dense reference comes from the model it was built on. "
+                "Build the Evaluator on the model you analyse: Evaluator(model, batches, metric)"
+            )
 
     @property
     def higher_is_better(self) -> bool:
@@ -136,7 +154,7 @@ class Evaluator:
                     output = self._forward(model, index, batch)
                 bar.advance(1)
                 reference = self._reference[index] if self._reference is not None else None
-                batch_values, batch_weights = self.metric.per_sample(output, batch, reference)
+                batch_values, batch_weights = self._per_sample(output, batch, reference, index)
                 values.append(torch.as_tensor(batch_values, dtype=torch.float64).reshape(-1))
                 weights.append(torch.as_tensor(batch_weights, dtype=torch.float64).reshape(-1))
         all_values = torch.cat(values).numpy()
@@ -145,6 +163,17 @@ class Evaluator:
         sizes = tuple(int(v.numel()) for v in values)
         return Evaluation(self.metric.name, all_values, all_weights, self.metric.aggregate(mean), sizes)
 
+    def _per_sample(self, output: Any, batch: Any, reference: Any, index: int) -> tuple[Any, Any]:
+        """The metric on one batch; its failure (labels, shapes, a user callable) named by batch, in one line."""
+        try:
+            return self.metric.per_sample(output, batch, reference)
+        except PrunescopeError as error:
+            raise PrunescopeError(f"metric {self.metric.name!r} on batch {index}: {error}") from None
+        except Exception as error:
+            text = str(error).strip().splitlines()
+            raise PrunescopeError(f"metric {self.metric.name!r} failed on batch {index}: {type(error).__name__}: "
+                                  f"{text[0][:300] if text else ''}") from error
+
     def dense_on(self, batch_indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """The dense model's per-sample (values, weights) on ``batch_indices``, in that order."""
         dense = self.dense
@@ -152,6 +181,17 @@ class Evaluator:
         pieces = [np.arange(offsets[i], offsets[i + 1]) for i in batch_indices]
         chosen = np.concatenate(pieces) if pieces else np.arange(0)
         return dense.values[chosen], dense.weights[chosen]
+
+
+def _check_batch(batch: Any, index: int) -> None:
+    """A batch of a supported shape whose labels (if any) count as many samples as its inputs."""
+    try:
+        _, _, labels = split_batch(batch)
+        samples = batch_size_of(batch)
+    except PrunescopeError as error:
+        raise PrunescopeError(f"batch {index}: {error}") from None
+    if isinstance(labels, torch.Tensor) and labels.dim() > 0 and samples is not None and labels.shape[0] != samples:
+        raise PrunescopeError(f"batch {index} has {samples} inputs but {labels.shape[0]} labels; give one label per sample")
 
 
 def evaluate(model: torch.nn.Module, evaluator: Evaluator) -> Evaluation:

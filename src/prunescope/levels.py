@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ Level = Union[float, str]
 """A fraction in (0, 1) of elements removed, or an "N:M" string (keep N of every M)."""
 
 DEFAULT_LEVELS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+MAX_LEVELS = 1000
+"""The most levels a start:stop:step range may give (each is a cell per target)."""
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -74,8 +78,14 @@ def level_sparsity(level: Level) -> float:
 
 def parse_levels(levels: Iterable[Level]) -> list[float | NMPattern]:
     """Validate levels, drop duplicates, order fractions ascending then N:M patterns."""
-    if isinstance(levels, (str, float, int)):
+    if levels is None:
+        raise PrunescopeError("levels is None: give fractions in (0, 1) or N:M patterns, e.g. [0.25, 0.5, '2:4']")
+    if isinstance(levels, (str, float, int, NMPattern)):
         levels = [levels]
+    try:
+        levels = list(levels)
+    except TypeError:
+        raise PrunescopeError(f"levels must be a list of fractions in (0, 1) or N:M patterns; got {type(levels).__name__}") from None
     parsed = [parse_level(level) for level in levels]
     if not parsed:
         raise PrunescopeError("levels is empty: give at least one fraction in (0, 1) or an N:M pattern")
@@ -88,10 +98,15 @@ def parse_levels_text(text: str) -> list[float | NMPattern]:
     """Parse a comma-separated list such as "0.1,0.5,2:4" or a range "0.1:0.9:0.1"."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if len(parts) == 1 and parts[0].count(":") == 2:
-        start, stop, step = (float(x) for x in parts[0].split(":"))
-        if step <= 0:
-            raise PrunescopeError(f"level range {text!r} needs a positive step")
+        try:
+            start, stop, step = (float(x) for x in parts[0].split(":"))
+        except ValueError:
+            raise PrunescopeError(f"level range {text!r} must be start:stop:step with numbers, e.g. 0.1:0.9:0.1") from None
+        if not all(math.isfinite(v) for v in (start, stop, step)) or step <= 0 or stop < start:
+            raise PrunescopeError(f"level range {text!r} needs finite numbers, start <= stop and a positive step, e.g. 0.1:0.9:0.1")
         count = int(round((stop - start) / step)) + 1
+        if count > MAX_LEVELS:
+            raise PrunescopeError(f"level range {text!r} gives {count} levels; at most {MAX_LEVELS}: use a larger step")
         return parse_levels(round(start + i * step, 10) for i in range(count))
     return parse_levels(parts)
 

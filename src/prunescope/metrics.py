@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .batches import logits_of, split_batch
+from .batches import batch_size_of, logits_of, split_batch
 from .errors import PrunescopeError
 
 PerSample = Callable[[Any, Any, Any], "tuple[torch.Tensor, torch.Tensor]"]
@@ -37,7 +37,9 @@ class Metric:
 
     def aggregate(self, mean: float) -> float:
         """The metric value from the weighted mean of per-sample values."""
-        return math.exp(mean) if self.log_scale else mean
+        if not self.log_scale:
+            return mean
+        return math.exp(mean) if mean < 709.0 else math.inf  # exp overflows a double past ~709.78
 
 
 def _labels(batch: Any) -> torch.Tensor:
@@ -47,9 +49,28 @@ def _labels(batch: Any) -> torch.Tensor:
     return labels
 
 
+def class_labels(logits: torch.Tensor, labels: Any, metric: str, ignore: bool = False) -> torch.Tensor:
+    """``labels`` checked against ``logits`` [..., classes]: integer class indices of shape ``logits.shape[:-1]``,
+    each in 0..classes-1 (or -100, ignored, when ``ignore``)."""
+    labels = torch.as_tensor(labels)
+    expected = tuple(logits.shape[:-1])
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise PrunescopeError(f"the {metric} metric needs integer class labels; got {labels.dtype}")
+    if tuple(labels.shape) != expected:
+        raise PrunescopeError(f"labels have shape {tuple(labels.shape)} but the model's logits {tuple(logits.shape)} "
+                              f"need {expected}: one class index per {'sample' if len(expected) == 1 else 'position'}")
+    classes = logits.shape[-1]
+    scored = labels[labels != -100] if ignore else labels
+    if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= classes):
+        bad = int(scored.min()) if int(scored.min()) < 0 else int(scored.max())
+        raise PrunescopeError(f"label {bad} is out of range for the {metric} metric: the model has {classes} classes "
+                              f"(labels 0..{classes - 1}{', or -100 to ignore a position' if ignore else ''})")
+    return labels
+
+
 def _accuracy(output: Any, batch: Any, _ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits_of(output)
-    labels = _labels(batch)
+    labels = class_labels(logits, _labels(batch), "accuracy", ignore=logits.dim() > 2)
     correct = (logits.argmax(dim=-1) == labels).to(torch.float64)
     if correct.dim() > 1:  # token classification: mean per sample
         correct = correct.flatten(1).mean(dim=1)
@@ -58,7 +79,7 @@ def _accuracy(output: Any, batch: Any, _ref: Any) -> tuple[torch.Tensor, torch.T
 
 def _loss(output: Any, batch: Any, _ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits_of(output)
-    labels = _labels(batch)
+    labels = class_labels(logits, _labels(batch), "loss", ignore=logits.dim() > 2)
     if logits.dim() == 2:
         values = F.cross_entropy(logits.float(), labels, reduction="none").to(torch.float64)
         return values, torch.ones_like(values)
@@ -91,7 +112,7 @@ def _perplexity(output: Any, batch: Any, _ref: Any) -> tuple[torch.Tensor, torch
             labels = labels.masked_fill(mask == 0, -100)
     if logits.dim() != 3:
         raise PrunescopeError(f"perplexity needs causal-LM logits [batch, tokens, vocab]; got shape {tuple(logits.shape)}")
-    return _token_nll(logits, labels, shift=True)
+    return _token_nll(logits, class_labels(logits, labels, "perplexity", ignore=True), shift=True)
 
 
 def _kl(output: Any, batch: Any, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +177,10 @@ def resolve_metric(metric: str | Metric | Callable, higher_is_better: bool | Non
                 raise PrunescopeError(
                     f"metric {name!r} must return one value per sample (a 1-D tensor); got shape {tuple(values.shape)}"
                 )
+            samples = batch_size_of(batch)
+            if samples is not None and values.numel() != samples:
+                raise PrunescopeError(f"metric {name!r} returned {values.numel()} values for a batch of {samples} samples; "
+                                      "return one value per sample")
             return values, torch.ones_like(values)
 
         return Metric(name, per_sample, higher_is_better=bool(higher_is_better))

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .errors import PrunescopeError
+from .python_factory import call_factory
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SPECS = "digits-cnn, torchvision:NAME, hf:PATH, smollm2, minilm, python:MODULE:FUNCTION"
@@ -130,17 +131,14 @@ def _break_zero_init(model: torch.nn.Module) -> None:
 
 def load_python(target: str, spec: str) -> LoadedModel:
     """``module:function`` returning a model, or (model, evaluator)."""
-    module_name, _, function_name = target.partition(":")
-    if not module_name or not function_name:
-        raise PrunescopeError(f"python model spec {spec!r} must be python:MODULE:FUNCTION")
-    try:
-        factory = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise PrunescopeError(f"cannot load {module_name}:{function_name}: {error}") from None
-    result = factory()
-    model, evaluator = (result if isinstance(result, tuple) else (result, None))
-    if not isinstance(model, torch.nn.Module):
-        raise PrunescopeError(f"{module_name}:{function_name} must return a torch.nn.Module or (model, evaluator)")
+    model, evaluator = call_factory(target, spec)
+    if evaluator is not None:
+        from .evaluator import Evaluator
+
+        if not isinstance(evaluator, Evaluator):
+            raise PrunescopeError(f"{target} returned a {type(evaluator).__name__} as the evaluator; "
+                                  "return (model, prunescope.Evaluator(model, batches, metric))")
+        evaluator.check_model(model)
     return LoadedModel(model, spec, "custom", evaluator=evaluator)
 
 

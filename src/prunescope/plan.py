@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from .atomic import write_text_atomic
 from .errors import PrunescopeError
+from .jsonfile import parse_json, read_text, strict_json
 from .levels import Level, level_key, parse_level, removed_share
+from .schema import plan_arguments
+from .target import prunable_modules
 
 FORMAT_VERSION = 1
 
@@ -74,7 +79,12 @@ class Plan:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.levels, Mapping) or not isinstance(self.params, Mapping):
+            raise PrunescopeError("a plan takes levels and params as mappings from target name to level and to parameter count")
         self.levels, self.params = dict(self.levels), dict(self.params)
+        for name, count in self.params.items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise PrunescopeError(f"plan parameter count of {name!r} must be a whole number >= 0; got {count!r}")
         for name, level in self.levels.items():
             if name not in self.params:
                 raise PrunescopeError(f"plan level for {name!r} has no parameter count")
@@ -99,35 +109,97 @@ class Plan:
         return {"format": "prunescope.plan", "version": FORMAT_VERSION, **data, "sparsity": self.sparsity}
 
     @classmethod
-    def from_dict(cls, data: dict) -> Plan:
-        if data.get("format") != "prunescope.plan":
-            raise PrunescopeError("not a prunescope plan (missing format: prunescope.plan)")
-        budget = Budget(**{k: v for k, v in data["budget"].items() if v is not None}) if data.get("budget") else None
-        keys = ("levels", "params", "criterion", "granularity", "method", "predicted_drop", "metric", "details",
-                "seed", "round_to", "head_mode", "options")
-        values = {k: data[k] for k in keys if k in data}
-        details = values.get("details") or {}
-        for key in ("seed", "round_to", "head_mode"):  # plans written before these were fields kept them in details
-            if key not in values and key in details:
-                values[key] = details[key]
-        return cls(**values, budget=budget)
+    def from_dict(cls, data: dict, source: str = "plan") -> Plan:
+        """A plan from its dict, every field checked; a refusal names ``source`` and the field."""
+        kwargs = plan_arguments(data, source, FORMAT_VERSION)
+        budget = kwargs.pop("budget")
+        try:
+            budget = Budget(**budget) if budget else None
+        except PrunescopeError as error:
+            raise PrunescopeError(f"{source}: budget: {error}") from None
+        return cls(**kwargs, budget=budget)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        """Strict JSON: a NaN is written as null (see :func:`prunescope.jsonfile.strict_json`)."""
+        return strict_json(self.to_dict(), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: str = "plan") -> Plan:
+        return cls.from_dict(parse_json(text, source), source)
 
     def save(self, path: str | Path) -> Path:
         return write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        path = Path(path)
-        if not path.exists():
-            raise PrunescopeError(f"plan file {path} does not exist")
-        return cls.from_json(path.read_text())
+        """Read a plan file, refusing a damaged or hand-broken one with one line."""
+        return cls.from_json(read_text(path, "plan file"), f"plan file {path}")
+
+    # ---- the model or profile a plan is used with ---------------------------------------------
+    @staticmethod
+    def check_for(plan: Any, model: Any) -> Plan:
+        """``plan`` checked to be a Plan made for ``model`` (a torch.nn.Module): see :meth:`check_model`."""
+        if not isinstance(plan, Plan):
+            raise PrunescopeError(f"plan must be a prunescope.Plan (see allocate, Plan.load); got {type(plan).__name__}")
+        if not isinstance(model, nn.Module):
+            raise PrunescopeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        plan.check_model(model)
+        return plan
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose layers or sizes are not those this plan was made for.
+
+        A weight plan's names must be prunable layers with as many weights as ``params`` says; a
+        structured plan's unit groups must fit the model's tensors (each slice within its axis).
+        """
+        if self.granularity == "weight":
+            modules = dict(prunable_modules(model))
+            missing = [name for name in self.levels if name not in modules]
+            if missing:
+                sample = ", ".join(list(modules)[:6]) + (" ..." if len(modules) > 6 else "")
+                raise PrunescopeError(f"plan names layers this model does not have: {', '.join(missing[:5])}"
+                                      f"{' ...' if len(missing) > 5 else ''}; the model's layers: {sample or 'none'}")
+            for name in self.levels:
+                count = modules[name].weight.numel()
+                if count != self.params[name]:
+                    raise PrunescopeError(f"plan gives layer {name} {self.params[name]:,} weights; this model's has {count:,}: "
+                                          "the plan was made for another model")
+            return
+        groups = self.details.get("groups") or {}
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        tensors = {**dict(model.named_buffers(remove_duplicate=False)), **parameters}
+        for name in self.levels:
+            group = groups.get(name)
+            if group is None:
+                continue  # apply() refuses a structured plan without its groups
+            per_unit = 0
+            for piece in group["slices"]:
+                tensor = tensors.get(piece["tensor"])
+                end = piece.get("offset", 0) + group["units"] * piece.get("width", 1)
+                if tensor is None or piece["dim"] >= tensor.dim() or tensor.shape[piece["dim"]] < end:
+                    found = "no such tensor" if tensor is None else f"shape {tuple(tensor.shape)}"
+                    raise PrunescopeError(f"plan group {name} ({group['units']} units) needs {piece['tensor']} to reach "
+                                          f"{end} along axis {piece['dim']}; this model has {found}: the plan was made for another model")
+                if piece["tensor"] in parameters:
+                    per_unit += piece.get("width", 1) * tensor.numel() // tensor.shape[piece["dim"]]
+            if self.granularity != "block" and per_unit != group["params_per_unit"]:
+                raise PrunescopeError(f"plan group {name} removes {group['params_per_unit']:,} parameters per unit; in this model "
+                                      f"its tensors hold {per_unit:,} per unit: the plan was made for another model")
+
+    def check_profile(self, profile: Any) -> None:
+        """Refuse a plan whose targets are not the ``profile``'s (names, granularity, parameter counts)."""
+        targets = {t.name: t for t in profile.targets}
+        missing = [name for name in self.levels if name not in targets]
+        if missing:
+            raise PrunescopeError(f"the plan names {len(missing)} layer(s) not in the profile: {', '.join(missing[:5])}"
+                                  f"{' ...' if len(missing) > 5 else ''}; give the plan made from this profile")
+        if self.granularity != profile.granularity:
+            raise PrunescopeError(f"the plan is for {self.granularity} targets, the profile for {profile.granularity} targets")
+        wrong = [name for name in self.levels if self.params[name] != targets[name].params]
+        if wrong:
+            name = wrong[0]
+            raise PrunescopeError(f"the plan gives {name} {self.params[name]:,} parameters, the profile {targets[name].params:,}: "
+                                  "the plan was made from another profile")
 
     def level_key(self, name: str) -> str:
         return level_key(self.levels[name])

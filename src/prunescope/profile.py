@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
 from .errors import PrunescopeError
+from .jsonfile import parse_json, read_text, strict_json
 from .levels import is_nm_key
 from .profile_csv import from_csv, to_csv
+from .schema import cell_arguments, profile_arguments
 from .target import Target
 
 FORMAT_VERSION = 1
@@ -38,8 +39,9 @@ class Cell:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Cell:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+    def from_dict(cls, data: dict, source: str = "cell") -> Cell:
+        """A cell from its dict, checked: null ``value``/``change`` read as NaN (strict JSON has no NaN)."""
+        return cls(**cell_arguments(data, source, "cell"))
 
 
 @dataclass
@@ -94,20 +96,20 @@ class Profile:
         return {"format": "prunescope.profile", "version": FORMAT_VERSION, **data}
 
     @classmethod
-    def from_dict(cls, data: dict) -> Profile:
-        if data.get("format") != "prunescope.profile":
-            raise PrunescopeError("not a prunescope profile (missing format: prunescope.profile)")
-        kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
-        kwargs["targets"] = [Target.from_dict(t) for t in data["targets"]]
-        kwargs["cells"] = [Cell.from_dict(c) for c in data["cells"]]
+    def from_dict(cls, data: dict, source: str = "profile") -> Profile:
+        """A profile from its dict, every field checked; a refusal names ``source`` and the field."""
+        kwargs = profile_arguments(data, source, FORMAT_VERSION)
+        kwargs["targets"] = [Target.from_dict(t) for t in kwargs["targets"]]
+        kwargs["cells"] = [Cell(**c) for c in kwargs["cells"]]
         return cls(**kwargs)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        """Strict JSON: a NaN is written as null, an infinity as 1e999 (see :func:`prunescope.jsonfile.strict_json`)."""
+        return strict_json(self.to_dict(), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> Profile:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: str = "profile") -> Profile:
+        return cls.from_dict(parse_json(text, source), source)
 
     def save(self, path: str | Path) -> Path:
         """Write JSON (or CSV when the path ends in .csv) atomically."""
@@ -116,19 +118,19 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
+        """Read a profile file (.json, or .csv), refusing a damaged or hand-broken one with one line."""
         path = Path(path)
-        if not path.exists():
-            raise PrunescopeError(f"profile file {path} does not exist")
-        text = path.read_text()
-        return cls.from_csv(text) if path.suffix == ".csv" else cls.from_json(text)
+        source = f"profile file {path}"
+        text = read_text(path, "profile file")
+        return cls.from_csv(text, source) if path.suffix == ".csv" else cls.from_json(text, source)
 
     # ---- CSV: one row per cell that plain pandas.read_csv reads (see profile_csv) ------------
     def to_csv(self) -> str:
         return to_csv(self.to_dict())
 
     @classmethod
-    def from_csv(cls, text: str) -> Profile:
-        return cls.from_dict(from_csv(text))
+    def from_csv(cls, text: str, source: str = "profile CSV") -> Profile:
+        return cls.from_dict(from_csv(text), source)
 
     def to_dataframe(self):
         """The cells as a pandas DataFrame (needs pandas), with each target's params and FLOPs."""

@@ -23,6 +23,7 @@ from .levels import DEFAULT_LEVELS, Level, NMPattern, level_key, parse_levels
 from .masks import check_nm_compatible
 from .profile import Cell, Profile
 from .progress import progress_bar
+from .scan_checks import check_scan_arguments, check_unit_levels
 from .shards import shard_targets
 from .store import CellStore
 from .structured import BLOCK_LEVEL, head_mode_of, units_removed
@@ -104,6 +105,9 @@ def scan(
     """
     if not isinstance(evaluator, Evaluator):
         raise PrunescopeError("evaluator must be a prunescope.Evaluator built on the model and its batches")
+    evaluator.check_model(model)
+    check_scan_arguments(targets=targets, seed=seed, cache_bytes=cache_bytes, confidence=confidence, max_drop=max_drop,
+                         tolerance=tolerance, round_to=round_to)
     parsed_levels = parse_levels(levels)
     if max_drop is not None and not max_drop > 0:
         raise PrunescopeError(f"max_drop must be positive (metric units); got {max_drop}")
@@ -147,6 +151,7 @@ def scan(
             raise PrunescopeError(f"N:M levels apply to weights only; {granularity} targets take fractions of their units")
         if granularity == "block":
             parsed_levels = [1.0]
+        check_unit_levels(targets, parsed_levels, round_to)
         for t in targets:  # refuse a level that empties a group before any work
             for level in parsed_levels:
                 units_removed(model, t, level, criterion, seed, round_to)
@@ -171,17 +176,21 @@ def scan(
     if store is not None:
         cell_store = CellStore(store, identity.store_header())
 
-    if parallel:
-        tasks, done = _pending(targets, cell_store, settings, evaluator.higher_is_better)
-        def home() -> TargetRunner:
-            return TargetRunner(model, evaluator, targets, settings, dense_stats=dense_stats, eager=False)
+    try:  # the store's lock is released however the scan ends
+        if parallel:
+            tasks, done = _pending(targets, cell_store, settings, evaluator.higher_is_better)
+            def home() -> TargetRunner:
+                return TargetRunner(model, evaluator, targets, settings, dense_stats=dense_stats, eager=False)
 
-        cells, provenance["execution"], summary = run_parallel(payload, targets, tasks, done, level_keys, cell_store,
-                                                               executor, workers, progress,
-                                                               home if executor == "local" else None)
-    else:
-        runner = TargetRunner(model, evaluator, targets, settings, dense_stats=dense_stats)
-        cells, summary = _scan_in_process(runner, targets, level_keys, cell_store, progress)
+            cells, provenance["execution"], summary = run_parallel(payload, targets, tasks, done, level_keys, cell_store,
+                                                                   executor, workers, progress,
+                                                                   home if executor == "local" else None)
+        else:
+            runner = TargetRunner(model, evaluator, targets, settings, dense_stats=dense_stats)
+            cells, summary = _scan_in_process(runner, targets, level_keys, cell_store, progress)
+    finally:
+        if cell_store is not None:
+            cell_store.close()
     if summary is not None:
         provenance["incremental"] = summary
     return Profile(

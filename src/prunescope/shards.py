@@ -46,6 +46,8 @@ def merge_profiles(profiles: Sequence[Profile | str | Path]) -> Profile:
     fields), and a missing or repeated shard. The merged profile keeps the first shard's dense
     value, costs and provenance, with ``provenance["merged_shards"] = n`` instead of ``"shard"``.
     """
+    if isinstance(profiles, (str, Path, Profile)):
+        raise PrunescopeError("merge_profiles takes a list of shard profiles (or their files), one per shard")
     loaded = [p if isinstance(p, Profile) else Profile.load(p) for p in profiles]
     if not loaded:
         raise PrunescopeError("merge_profiles needs the profiles of every shard; got none")
@@ -74,6 +76,9 @@ def merge_profiles(profiles: Sequence[Profile | str | Path]) -> Profile:
             raise PrunescopeError(f"shard {index} comes from a different scan than shard 0: its {', '.join(different)} "
                                   "differ; refusing to merge")
     total = sum(len(p.targets) for p in loaded)
+    sizes, expected = [len(by_index[i].targets) for i in range(count)], [len(range(i, total, count)) for i in range(count)]
+    if sizes != expected:
+        raise PrunescopeError(f"the shards hold {sizes} targets; the {count} shards of one scan of {total} targets hold {expected}")
     targets = [by_index[k % count].targets[k // count] for k in range(total)]
     cells_of = {}
     for profile in loaded:

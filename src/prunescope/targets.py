@@ -42,6 +42,20 @@ def _check_patterns(patterns: list[str], names: list[str], which: str) -> None:
             raise PrunescopeError(f"{which} pattern {pattern!r} matches no target; targets are named like: {sample}")
 
 
+def _pattern_list(patterns: Iterable[str] | str | None, which: str) -> list[str]:
+    """Glob patterns as a list of strings: one string, an iterable of them, or None (none)."""
+    if patterns is None or isinstance(patterns, str):
+        return [] if patterns is None else [patterns]
+    try:
+        patterns = list(patterns)
+    except TypeError:
+        raise PrunescopeError(f"{which} must be a glob pattern or a list of them; got {type(patterns).__name__}") from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise PrunescopeError(f"{which} patterns must be strings such as 'layer1.*'; got {bad[0]!r}")
+    return patterns
+
+
 def measure_flops(model: nn.Module, example: Any, names: list[str]) -> dict[str, float]:
     """FLOPs per sample (2 x MACs) of each named module, from one forward pass on ``example``."""
     modules = dict(model.named_modules())
@@ -99,9 +113,11 @@ def find_targets(
             or final classifier); ``[]`` keeps everything.
         example: one batch; when given, each target's FLOPs per sample are measured on it.
     """
-    if granularity not in GRANULARITIES:
+    if not isinstance(model, nn.Module):
+        raise PrunescopeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(granularity, str) or granularity not in GRANULARITIES:
         raise PrunescopeError(f"granularity {granularity!r} is not supported; accepted: {', '.join(GRANULARITIES)}")
-    include = [include] if isinstance(include, str) else list(include or [])
+    include, exclude = _pattern_list(include, "include"), None if exclude is None else _pattern_list(exclude, "exclude")
     if granularity != "weight":
         from .structured import structured_targets
 

@@ -128,6 +128,8 @@ def estimate(
         report work unchanged. Intervals are None. ``provenance`` holds the score, the loss
         differentiated, the units, the calibration samples and the seconds spent.
     """
+    if isinstance(data, Evaluator):
+        data.check_model(model)
     started = time.perf_counter()
     spec = _score(score)
     parsed_levels = parse_levels(levels)

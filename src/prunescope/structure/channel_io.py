@@ -28,9 +28,9 @@ def build_origin(origin: str, kwargs: dict | None = None) -> nn.Module:
         raise PrunescopeError(f"origin must be a string; accepted: {', '.join(ORIGINS)}")
     kind, _, name = origin.partition(":")
     if kind == "python" and name:
-        from ..models import load_python
+        from ..python_factory import call_factory
 
-        return load_python(name, origin).model
+        return call_factory(name, origin)[0]
     if kind == "torchvision" and name:
         import torchvision
 
