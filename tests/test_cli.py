@@ -59,6 +59,8 @@ def test_scan_plan_prune_report_chain(tmp_path):
         assert abs(zeros - level) < 0.01, name
     summary = json.loads((pruned / "summary.json").read_text())
     assert {"dense", "pruned", "uniform"} <= set(summary)
+    removed = sum(round(level * json.loads(plan.read_text())["params"][name]) for name, level in levels.items())
+    assert abs(summary["params_dense"] - summary["params_pruned"] - removed) <= len(levels)  # counted as the model computes
     result = invoke("report", "--profile", profile, "--plan", plan, "--out", tmp_path / "report")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "report" / "heatmap.png").exists()

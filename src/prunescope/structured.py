@@ -111,8 +111,18 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def nonzero_parameters(model: nn.Module) -> int:
-    """Distinct non-zero parameter values (tied weights counted once); masks must be made permanent first."""
-    return sum(int(p.count_nonzero()) for p in {id(p): p for p in model.parameters()}.values())
+    """Distinct non-zero parameter values as the model computes them (tied weights counted once; a
+    masked weight counts the values its mask keeps)."""
+    from torch.nn.utils import parametrize
+
+    tensors = {}
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name, parametrization in module.parametrizations.items():
+                tensors[id(parametrization.original)] = getattr(module, name).detach()
+    for parameter in model.parameters():
+        tensors.setdefault(id(parameter), parameter)
+    return sum(int(t.count_nonzero()) for t in tensors.values())
 
 
 __all__ = [
