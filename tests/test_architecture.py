@@ -17,7 +17,7 @@ LAYERS = {
     3: ["masks", "weight_masks", "structure", "cost", "latency", "oneshot", "incremental", "cell_measure", "cell_runner",
         "targets", "structured", "digits", "scan_checks"],
     4: ["scan", "execution", "estimate", "allocate", "apply", "report", "report_text", "report_tables", "report_curves", "loading", "export", "shards", "data", "models"],
-    5: ["cli", "cli_options", "demo", ""],
+    5: ["cli", "cli_options", "runs", "demo", ""],
 }
 """Layer of each module (a package name covers its submodules unless one is listed itself):
 1 utilities, 2 data model, 3 mechanics, 4 steps, 5 shells (the package itself re-exports the API)."""
