@@ -1,10 +1,10 @@
 """Bytes on disk and seconds of prunescope.save per format, for SmolLM2-135M pruned in one shot.
 
 For each level (dense, 50%, 70%, 2:4; criterion magnitude by default: no calibration, so the
-run is about saving), the model is saved as ``hf`` and ``compressed-tensors`` (and ``onnx`` with
---onnx), and each row says the folder's bytes, the ratio to the dense ``hf`` folder of the same
-run, the seconds ``save`` took (it writes, reloads and compares every tensor) and what its check
-found. One JSON line per (level, format) on stdout and appended to --out.
+run is about saving), the model is saved as ``hf`` and ``compressed-tensors`` (``--formats``),
+and each row says the folder's bytes, the ratio to the dense ``hf`` folder of the same
+run, the seconds ``save`` took (it writes, reloads and compares every tensor) and what its
+manifest records. One JSON line per (level, format) on stdout and appended to --out.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/export_sizes.py --threads 2
 """
@@ -53,17 +53,20 @@ def main() -> None:
             for fmt in args.formats:
                 folder = work / f"{level.replace(':', '-')}-{fmt}"
                 started = time.perf_counter()
-                ps.save(model, folder, format=fmt, tokenizer=loaded.tokenizer)
+                row = {"model": "smollm2", "level": level, "criterion": args.criterion if level != "0" else None, "format": fmt}
+                try:
+                    ps.save(model, folder, format=fmt, tokenizer=loaded.tokenizer)
+                except ps.PrunescopeError as error:  # e.g. compressed-tensors of the dense model: nothing to compress
+                    emit({**row, "refused": str(error), "command": command}, args.out)
+                    continue
                 seconds = time.perf_counter() - started
                 size = folder_bytes(folder)
                 if fmt == "hf" and level == "0":
                     dense_hf = size
-                manifest = read_manifest(folder)
-                emit({"model": "smollm2", "level": level, "criterion": args.criterion if level != "0" else None,
-                      "format": fmt, "bytes": size, "ratio_to_dense_hf": round(size / dense_hf, 4) if dense_hf else None,
-                      "save_s": round(seconds, 2), "check": manifest.get("check"), "sparsity_format":
-                      manifest.get("sparsity_format"), "torch_threads": torch.get_num_threads(), "command": command},
-                     args.out)
+                manifest = {k: v for k, v in read_manifest(folder).items() if k not in ("files", "notes", "model")}
+                emit({**row, "bytes": size, "ratio_to_dense_hf": round(size / dense_hf, 4) if dense_hf else None,
+                      "save_s": round(seconds, 2), "manifest": manifest, "torch_threads": torch.get_num_threads(),
+                      "command": command}, args.out)
                 shutil.rmtree(folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)

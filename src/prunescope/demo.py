@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -79,7 +80,7 @@ def run_demo(
 
     console.print(profile_table(profile))
     console.print(plan_table(plans["threshold"]))
-    table = Table(title=f"digits CNN at {sparsity:.0%} sparsity of prunable weights")
+    table = Table(title=f"digits CNN at {sparsity:.0%} sparsity of prunable weights", box=box.SIMPLE_HEAD)
     for column in ("model", "sparsity", "val accuracy", "test accuracy", "predicted val drop"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for name, r in results.items():
@@ -119,8 +120,9 @@ def _structured_run(model, val: Evaluator, test: Evaluator, budget: Budget, leve
 
 
 def _structured_table(results: dict) -> Table:
-    table = Table(title="digits CNN, channel groups shrunk to a FLOPs budget (latency: whole test split, 1 thread, median of 30)")
-    for column in ("model", "params", "FLOPs/image", "val accuracy", "test accuracy", "latency ms", "speedup"):
+    table = Table(title="digits CNN, channel groups shrunk to a FLOPs budget (latency: whole test split, 1 thread, median of 30)",
+                  box=box.SIMPLE_HEAD)
+    for column in ("model", "params", "FLOPs", "val acc", "test acc", "ms", "speedup"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for name, r in results.items():
         table.add_row(name, f"{r['params']:,}", f"{r['flops_per_image'] / 1e6:.2f}M", f"{r['val_accuracy']:.2%}",
