@@ -418,6 +418,14 @@ def test_apply_a_sparsegpt_plan_needs_calibration_and_masks_the_updated_weights(
     for name, mask in masks.items():
         assert torch.equal(pruned.get_submodule(name).weight, expected.get_submodule(name).weight)
         assert float((~mask).float().mean()) == pytest.approx(float(plan.levels[name]), abs=0.01)
+    # the scan's SparseGPT settings travel in the plan, and apply uses the plan's
+    assert plan.options == {"block_size": 128, "damp": 0.01}
+    plan.options = {"block_size": 128, "damp": 0.5}
+    heavier = ps.apply(model, plan, calibration=batches)
+    expected = ps.prune_oneshot(model, batches, criterion="sparsegpt", level=plan.levels, damp=0.5)
+    name = next(iter(masks))
+    assert torch.equal(heavier.get_submodule(name).weight, expected.get_submodule(name).weight)
+    assert not torch.equal(heavier.get_submodule(name).weight, pruned.get_submodule(name).weight)
 
 
 # ---- command line -------------------------------------------------------------------------------
