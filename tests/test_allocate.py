@@ -82,3 +82,8 @@ def test_allocate_rejects_bad_arguments(digits_profile):
     for budget in (0, 1, 1.5, -0.2):
         with pytest.raises(ps.PrunescopeError, match="budget sparsity"):
             ps.allocate(digits_profile, budget, method="uniform")
+
+
+def test_allocate_refuses_what_is_not_a_profile():
+    with pytest.raises(ps.PrunescopeError, match="profile must be a prunescope.Profile"):
+        ps.allocate(None, 0.5)

@@ -29,6 +29,8 @@ def allocate(profile: Profile, budget: Budget | float, *, method: str = "thresho
         shared drop threshold, interpolating linearly between scanned levels; the threshold is
         found by bisection so the plan meets the budget (the PaddleSlim / AIMET rule).
     """
+    if not isinstance(profile, Profile):
+        raise PrunescopeError(f"profile must be a prunescope.Profile (Profile.load(path) reads a file); got {type(profile).__name__}")
     if not isinstance(budget, Budget):
         budget = Budget(budget)
     if method not in METHODS:
