@@ -334,3 +334,18 @@ def test_cli_prune_out_is_a_folder_from_pretrained_loads(tmp_path):
                                       "--out", str(tmp_path / "ct"), "--format", "compressed-tensors"])
     assert result.exit_code == 0, result.output
     assert torch.equal(_out(ps.load(tmp_path / "ct"), _batch(model)), _out(ps.apply(model, plan), _batch(model)))
+
+
+def test_cli_prune_refuses_a_format_the_model_cannot_take_before_pruning(tmp_path, monkeypatch):
+    """A format the model cannot be saved in is refused when the model is loaded, not after the
+    pruning and the evaluations (and nothing is written)."""
+    import prunescope.oneshot as oneshot
+
+    def never(*args, **kwargs):
+        raise AssertionError("pruned before the format was checked")
+
+    monkeypatch.setattr(oneshot, "prune_oneshot", never)
+    out = tmp_path / "pruned"
+    result = CliRunner().invoke(app, ["prune", "--model", "digits-cnn", "--level", "0.5", "--format", "hf", "--out", str(out)])
+    assert result.exit_code == 2 and "PreTrainedModel" in result.output, result.output
+    assert not out.exists()

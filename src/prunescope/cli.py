@@ -287,7 +287,8 @@ def prune(
                 raise PrunescopeError("--level prunes uniformly in one shot: it takes neither --compare-uniform nor --shrink")
             run = prune_in_one_shot(model, level, criterion or "magnitude", data, metric=metric, samples=samples,
                                     calibration_samples=calibration_samples, batch_size=batch_size, seq_len=seq_len,
-                                    first_window=first_window, split=split, include=include, exclude=exclude)
+                                    first_window=first_window, split=split, include=include, exclude=exclude,
+                                    export_format=export_format)
         else:
             if criterion is not None or include or exclude:
                 raise PrunescopeError("--criterion, --include and --exclude go with --level; a plan names its layers and criterion")
@@ -299,7 +300,7 @@ def prune(
 
                 loaded, evaluator = load_model(model), None
             run = prune_by_plan(Inputs(loaded, evaluator, data or "", 0.0), loaded_plan, shrink=shrink,
-                                compare_uniform=compare_uniform)
+                                compare_uniform=compare_uniform, export_format=export_format)
         for note in run.notes:
             _echo(note)
         results = write_pruned(run, out, export_format)

@@ -72,9 +72,11 @@ def save_profile(profile: Profile, out: Path) -> None:
         profile.save(out.with_suffix(".csv"))
 
 
-def prune_by_plan(inputs: Inputs, plan: Plan, *, shrink: bool = False, compare_uniform: bool = False) -> PruneRun:
+def prune_by_plan(inputs: Inputs, plan: Plan, *, shrink: bool = False, compare_uniform: bool = False,
+                  export_format: str | None = None) -> PruneRun:
     """Apply ``plan`` to the loaded model (and, with ``compare_uniform``, a uniform plan at the same
-    sparsity) and evaluate dense, pruned and uniform where ``inputs`` has an evaluator."""
+    sparsity) and evaluate dense, pruned and uniform where ``inputs`` has an evaluator; a pruned
+    model that ``export_format`` cannot hold is refused before the evaluations."""
     from .apply import apply
 
     loaded, evaluator = inputs.loaded, inputs.evaluator
@@ -83,6 +85,7 @@ def prune_by_plan(inputs: Inputs, plan: Plan, *, shrink: bool = False, compare_u
         raise PrunescopeError("a channel plan traces the model: give --data")
     example = example[0] if isinstance(example, (tuple, list)) else example
     pruned = apply(loaded.model, plan, shrink=shrink, example=example)
+    _check_export(pruned, export_format, loaded, example)
     results = {"plan_sparsity": plan.sparsity, "method": plan.method, "shrink": shrink,
                "params_dense": nonzero_parameters(loaded.model)}
     notes = []
@@ -107,8 +110,10 @@ def prune_by_plan(inputs: Inputs, plan: Plan, *, shrink: bool = False, compare_u
 def prune_in_one_shot(model_spec: str, level: str, criterion: str, data_spec: str | None, *, metric: str | None = None,
                       samples: int | None = None, calibration_samples: int = 32, batch_size: int | None = None,
                       seq_len: int = 512, first_window: int | None = None, split: str = "val",
-                      include: list[str] | None = None, exclude: list[str] | None = None) -> PruneRun:
-    """Load, calibrate apart from the evaluation data, evaluate dense, prune in place, evaluate pruned."""
+                      include: list[str] | None = None, exclude: list[str] | None = None,
+                      export_format: str | None = None) -> PruneRun:
+    """Load, calibrate apart from the evaluation data, evaluate dense, prune in place, evaluate pruned
+    (a model that ``export_format`` cannot hold is refused as soon as it is loaded)."""
     from .criteria import check_criterion, is_calibrated
     from .data import oneshot_data
     from .levels import parse_level
@@ -118,6 +123,7 @@ def prune_in_one_shot(model_spec: str, level: str, criterion: str, data_spec: st
     check_criterion(criterion, "weight", oneshot=True)
     started = time.perf_counter()
     loaded = load_model(model_spec, progress=True)
+    _check_export(loaded.model, export_format, loaded, None)
     if data_spec is None and loaded.evaluator is not None:
         evaluator, calibration = loaded.evaluator, loaded.evaluator.batches
         described = "the python factory's evaluator; calibration on the same batches"
@@ -150,6 +156,18 @@ def prune_in_one_shot(model_spec: str, level: str, criterion: str, data_spec: st
     example = batch[0] if isinstance(batch, (tuple, list)) else batch
     title = f"{model_spec} pruned in one shot by {criterion} at level {level}"
     return PruneRun(pruned, plan, loaded, results, title, example, [f"{model_spec}: {described}"])
+
+
+def _check_export(model: nn.Module, export_format: str | None, loaded: LoadedModel, example: Any) -> None:
+    """Refuse now a model the chosen format cannot hold, not after the pruning and evaluations."""
+    from .export import check_format, default_format
+    from .export.onnx_file import default_example
+    from .export.spec_folder import origin_of_spec
+
+    chosen = export_format or default_format(model)
+    if chosen == "onnx" and example is None:
+        example = default_example(model, loaded.input_shape)
+    check_format(model, chosen, example=example, origin=origin_of_spec(loaded.spec))
 
 
 def write_pruned(run: PruneRun, out: Path, export_format: str | None = None) -> dict[str, Any]:

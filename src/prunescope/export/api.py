@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import PrunescopeError
 from .baking import baked_copy, is_hf_model, quiet_transformers, refuse_hooks, tokenizer_of
@@ -85,19 +86,29 @@ def default_format(model: nn.Module) -> str:
 
 
 def _validate(model: Any, folder: Any, format: str, example: Any, origin: Any) -> None:
+    check_format(model, format, example=example, origin=origin)
+    check_target(folder)
+
+
+def check_format(model: Any, format: str, *, example: Any = None, origin: Any = None) -> None:
+    """Refuse, before any work, a model that ``format`` cannot hold (what :func:`save` checks first)."""
     if format not in FORMATS:
         raise PrunescopeError(f"unknown export format {format!r}; accepted: {', '.join(FORMATS)}")
     if not isinstance(model, nn.Module):
         raise PrunescopeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    check_target(folder)
     if format in ("hf", "compressed-tensors"):
         from .hf_folder import check_hf
 
         check_hf(model, format)
     if format == "compressed-tensors":
-        from .compressed import check_package
+        from ..structure.transformer_shrink import config_describes
+        from .compressed import FORMAT, check_package
 
         check_package()
+        masked = any(parametrize.is_parametrized(m) for m in model.modules())  # masks keep the shapes
+        if not masked and not config_describes(model):
+            raise PrunescopeError(f"format {FORMAT!r} needs a stock config, but this shrunk model keeps different head or "
+                                  "neuron counts in different blocks; use format 'prunescope'")
     if format == "onnx":
         from .onnx_file import check_example
 
