@@ -14,7 +14,7 @@ import torch
 
 from .batches import batch_fingerprint_tensors, batch_size_of, logits_of, run_model, split_batch
 from .checks import real_module
-from .errors import PrunescopeError, forward_failed
+from .errors import PrunescopeError, describe, forward_failed
 from .metrics import Metric, resolve_metric
 from .modes import eval_mode
 from .progress import progress_bar
@@ -170,9 +170,7 @@ class Evaluator:
         except PrunescopeError as error:
             raise PrunescopeError(f"metric {self.metric.name!r} on batch {index}: {error}") from None
         except Exception as error:
-            text = str(error).strip().splitlines()
-            raise PrunescopeError(f"metric {self.metric.name!r} failed on batch {index}: {type(error).__name__}: "
-                                  f"{text[0][:300] if text else ''}") from error
+            raise PrunescopeError(f"metric {self.metric.name!r} failed on batch {index}: {describe(error)}") from error
 
     def dense_on(self, batch_indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """The dense model's per-sample (values, weights) on ``batch_indices``, in that order."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .checks import real_module
-from .errors import PrunescopeError
+from .errors import PrunescopeError, describe
 
 
 def call_factory(target: str, spec: str) -> tuple[torch.nn.Module, Any]:
@@ -23,7 +23,7 @@ def call_factory(target: str, spec: str) -> tuple[torch.nn.Module, Any]:
     except (ImportError, AttributeError) as error:
         raise PrunescopeError(f"cannot load {module_name}:{function_name}: {error}") from None
     except Exception as error:  # the user's module failed while importing
-        raise PrunescopeError(f"importing {module_name} failed: {_brief(error)}") from error
+        raise PrunescopeError(f"importing {module_name} failed: {describe(error)}") from error
     if not callable(factory):
         raise PrunescopeError(f"{module_name}:{function_name} is a {type(factory).__name__}, not a function returning a model")
     try:
@@ -31,7 +31,7 @@ def call_factory(target: str, spec: str) -> tuple[torch.nn.Module, Any]:
     except PrunescopeError as error:  # e.g. the Evaluator it builds refused its batches
         raise PrunescopeError(f"model factory {module_name}:{function_name}: {error}") from None
     except Exception as error:  # the user's factory failed: say so briefly
-        raise PrunescopeError(f"model factory {module_name}:{function_name} raised {_brief(error)}") from error
+        raise PrunescopeError(f"model factory {module_name}:{function_name} raised {describe(error)}") from error
     if isinstance(result, tuple) and len(result) != 2:
         raise PrunescopeError(f"{module_name}:{function_name} returned a tuple of {len(result)}; return a model or (model, evaluator)")
     model, evaluator = (result if isinstance(result, tuple) else (result, None))
@@ -39,8 +39,3 @@ def call_factory(target: str, spec: str) -> tuple[torch.nn.Module, Any]:
         raise PrunescopeError(f"{module_name}:{function_name} must return a torch.nn.Module or (model, evaluator)")
     real_module(model, f"the model of {module_name}:{function_name}")
     return model, evaluator
-
-
-def _brief(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300] if text else ''}"

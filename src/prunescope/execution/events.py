@@ -42,9 +42,3 @@ class TargetFailed:
 
 
 Event = CellFinished | TargetFinished | TargetFailed
-
-
-def describe(error: BaseException) -> str:
-    """``Type: first line`` of an exception, short enough for an error message."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import PrunescopeError
+from ..errors import PrunescopeError, describe
 from ..profile import Cell
-from .events import CellFinished, Event, TargetFailed, TargetFinished, Task, describe
+from .events import CellFinished, Event, TargetFailed, TargetFinished, Task
 from .worker import BROKEN, measure
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import PrunescopeError
-from .events import CellFinished, Event, TargetFailed, TargetFinished, Task, describe
+from ..errors import PrunescopeError, describe
+from .events import CellFinished, Event, TargetFailed, TargetFinished, Task
 
 _RUNNERS: dict[str, tuple[Any, list]] = {}
 """This Ray worker process's (runner, targets), by the object id of the payload it was built from (one scan at a time)."""

@@ -19,7 +19,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from .events import CellFinished, TargetFailed, TargetFinished, Task, describe
+from ..errors import describe
+from .events import CellFinished, TargetFailed, TargetFinished, Task
 
 if TYPE_CHECKING:
     from ..cell_runner import TargetRunner

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import PrunescopeError
+from ..errors import PrunescopeError, describe
 from .baking import is_hf_model
 
 ONNX_FILE = "model.onnx"
@@ -86,8 +86,7 @@ def write_onnx(baked: nn.Module, folder: Path, example: Any) -> dict[str, Any]:
             torch.onnx.export(wrapped, args, str(folder / ONNX_FILE), kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic,
                               input_names=names, output_names=["output"], external_data=external, verbose=False)
     except Exception as error:  # noqa: BLE001 - the exporter raises many types; the user needs the first line
-        first = (str(error).strip().splitlines() or [""])[0]
-        raise PrunescopeError(f"torch.onnx.export failed on {type(baked).__name__}: {type(error).__name__}: {first[:300]}") from error
+        raise PrunescopeError(f"torch.onnx.export failed on {type(baked).__name__}: {describe(error)}") from error
     session = onnxruntime.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
     inputs = list(kwargs.values() if kwargs else args)
     by_name = dict(zip(names, inputs, strict=True))
