@@ -79,6 +79,14 @@ def sparsity_of(model: nn.Module) -> dict[str, float]:
     return {name: float((module.weight == 0).float().mean()) for name, module in prunable_modules(model)}
 
 
+def baked_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every mask baked into its weight, forgetting a GGUF quantizer (the
+    weights were dequantized when loaded); ``model`` is untouched."""
+    from .structure.transformer_io import drop_gguf_quantizer
+
+    return drop_gguf_quantizer(make_permanent(copy.deepcopy(model)))
+
+
 # ---- save_pretrained of a masked Hugging Face model ------------------------------------------
 
 
@@ -95,6 +103,17 @@ def prunescope_hooks(model: nn.Module) -> list[str]:
     return found
 
 
+def refuse_hooks(model: nn.Module, writer: str, instead: str) -> None:
+    """Refuse a model whose emulated removals live in forward hooks: ``writer`` (a weights file)
+    cannot carry them; ``instead`` says what else the user can do besides shrinking."""
+    hooked = prunescope_hooks(model)
+    if hooked:
+        raise PrunescopeError(
+            f"{hooked[0]} bypasses removed units with a forward hook (a structured plan applied as masks), "
+            f"which {writer} cannot keep; apply the plan with shrink=True {instead}"
+        )
+
+
 class _BakedSavePretrained:
     """The instance-level ``save_pretrained`` of a masked transformers model: it saves a copy with
     the masks baked into the weights (zeros in place), so plain ``from_pretrained`` reloads the
@@ -106,16 +125,9 @@ class _BakedSavePretrained:
 
     def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         model = self.model
-        hooked = prunescope_hooks(model)
-        if hooked:
-            raise PrunescopeError(
-                f"{hooked[0]} bypasses removed units with a forward hook, which save_pretrained cannot keep; "
-                "apply the plan with shrink=True and save that (prunescope.save)"
-            )
+        refuse_hooks(model, "save_pretrained", "and save that (prunescope.save)")
         if any(parametrize.is_parametrized(m) for m in model.modules()):
-            from .structure.transformer_io import drop_gguf_quantizer
-
-            model = drop_gguf_quantizer(make_permanent(copy.deepcopy(model)))
+            model = baked_copy(model)
         return type(model).save_pretrained(model, save_directory, *args, **kwargs)
 
 

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import PrunescopeError
-from .baking import baked_copy, is_hf_model, quiet_transformers, refuse_hooks, tokenizer_of
+from ..weight_masks import baked_copy, refuse_hooks
+from .baking import is_hf_model, quiet_transformers, tokenizer_of
 from .folder import check_target, publish, staging
 
 FORMATS = ("hf", "compressed-tensors", "onnx", "prunescope")
@@ -53,7 +54,7 @@ def save(
     _validate(model, folder, format, example, origin)
     target = check_target(folder)
     with quiet_transformers() if is_hf_model(model) else contextlib.nullcontext(), staging(target) as tmp:
-        baked = baked_copy(model)
+        baked = baked_copy(model).eval()
         if format == "hf":
             from .hf_folder import write_hf
 
@@ -114,7 +115,7 @@ def check_format(model: Any, format: str, *, example: Any = None, origin: Any = 
 
         check_example(example)
     else:
-        refuse_hooks(model, format)
+        refuse_hooks(model, f"format {format!r}", "or use format 'onnx'")
     if format == "prunescope":
         from .spec_folder import check_origin
 

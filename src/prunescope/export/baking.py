@@ -1,8 +1,7 @@
-"""The model an export writes: a copy with masks baked in, and the checks that it reloads whole."""
+"""What an export checks and needs: a transformers model, its tokenizer, and that what it wrote reloads whole."""
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,36 +12,12 @@ import torch
 from torch import nn
 
 from ..errors import PrunescopeError
-from ..weight_masks import make_permanent, prunescope_hooks
 
 
 def is_hf_model(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers ``PreTrainedModel`` (transformers is not imported for it)."""
     transformers = sys.modules.get("transformers")
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
-
-
-def refuse_hooks(model: nn.Module, format: str) -> None:
-    """Refuse a model whose emulated removals live in forward hooks: weights files cannot carry them."""
-    hooked = prunescope_hooks(model)
-    if hooked:
-        raise PrunescopeError(
-            f"{hooked[0]} bypasses removed units with a forward hook (a structured plan applied with mode='mask'), "
-            f"which format {format!r} cannot keep; apply the plan with shrink=True, or use format 'onnx'"
-        )
-
-
-def baked_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` in eval mode with every mask baked into its weight; ``model`` is untouched.
-
-    A transformers copy also loses a GGUF quantizer: the weights were dequantized when loaded.
-    """
-    baked = make_permanent(copy.deepcopy(model)).eval()
-    if is_hf_model(baked):
-        from ..structure.transformer_io import drop_gguf_quantizer
-
-        drop_gguf_quantizer(baked)
-    return baked
 
 
 def tokenizer_of(model: nn.Module, tokenizer: Any) -> Any:
