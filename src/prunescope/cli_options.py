@@ -53,14 +53,9 @@ def check_scan_options(mode: str, tolerance: float | None, min_batches: int, see
 
 def check_estimate_score(score: str, granularity: str) -> None:
     """estimate's --score, known and applicable to --granularity."""
-    from .estimate.api import SCORES
+    from .estimate.api import check_score
 
-    if score not in SCORES:
-        raise PrunescopeError(f"unknown estimate score {score!r}; accepted: {', '.join(SCORES)}")
-    if granularity not in SCORES[score].granularities:
-        fits = [name for name, m in SCORES.items() if granularity in m.granularities]
-        raise PrunescopeError(f"score {score!r} does not apply to {granularity} targets; for {granularity} targets use: "
-                              f"{', '.join(fits) or 'none'}")
+    check_score(score, granularity)
 
 
 def check_profile_out(out: Path) -> None:

@@ -131,7 +131,7 @@ def estimate(
     if isinstance(data, Evaluator):
         data.check_model(model)
     started = time.perf_counter()
-    spec = _score(score)
+    spec = check_score(score)
     parsed_levels = parse_levels(levels)
     if data is None and spec.needs_data:
         raise PrunescopeError(f"score {score!r} needs calibration data: give an Evaluator or a list of batches")
@@ -145,9 +145,7 @@ def estimate(
     if not targets:
         raise PrunescopeError("targets is empty: give at least one Target (see find_targets)")
     granularity = _single_granularity(targets)
-    if granularity not in spec.granularities:
-        fits = [name for name, m in SCORES.items() if granularity in m.granularities]
-        raise PrunescopeError(f"score {score!r} does not apply to {granularity} targets; for {granularity} targets use: {', '.join(fits)}")
+    check_score(score, granularity)
     criterion = _criterion(score, criterion)
     parsed_levels = _check_levels(model, targets, parsed_levels, granularity, criterion)
     removals = {} if granularity == "weight" else _unit_removals(model, targets, parsed_levels, granularity, criterion, seed, round_to)
@@ -219,10 +217,15 @@ def describe_scores() -> dict[str, str]:
 # ---- validation ----------------------------------------------------------------------------
 
 
-def _score(score: str) -> Score:
+def check_score(score: str, granularity: str | None = None) -> Score:
+    """The registered score ``score``, refusing an unknown one or one that does not apply to ``granularity``."""
     if score not in SCORES:
         raise PrunescopeError(f"unknown estimate score {score!r}; accepted: {', '.join(SCORES)}")
-    return SCORES[score]
+    spec = SCORES[score]
+    if granularity is not None and granularity not in spec.granularities:
+        fits = [name for name, m in SCORES.items() if granularity in m.granularities]
+        raise PrunescopeError(f"score {score!r} does not apply to {granularity} targets; for {granularity} targets use: {', '.join(fits)}")
+    return spec
 
 
 def _gradient_loss(score: str, spec: Score, evaluator: Evaluator | None, seed: int):
