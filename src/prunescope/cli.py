@@ -39,7 +39,6 @@ def _load(model_spec: str, data_spec: str | None, samples: int | None, batch_siz
           first_window: int, split: str, metric: str | None):
     from .runs import load_inputs
 
-    options.check_data_options(samples, batch_size, seq_len, first_window, split, metric)
     inputs = load_inputs(model_spec, data_spec, samples=samples, batch_size=batch_size, seq_len=seq_len,
                          first_window=first_window, split=split, metric=metric)
     _echo(f"model {model_spec} loaded in {inputs.seconds:.1f}s; data: {inputs.description}; metric: {inputs.evaluator.metric.name}")

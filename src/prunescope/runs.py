@@ -158,35 +158,36 @@ def prune_in_one_shot(model_spec: str, level: str, criterion: str, data_spec: st
     return PruneRun(pruned, plan, loaded, results, title, example, [f"{model_spec}: {described}"])
 
 
-def _check_export(model: nn.Module, export_format: str | None, loaded: LoadedModel, example: Any) -> None:
-    """Refuse now a model the chosen format cannot hold, not after the pruning and evaluations."""
-    from .export import check_format, default_format
+def _save_arguments(model: nn.Module, export_format: str | None, loaded: LoadedModel, example: Any) -> dict[str, Any]:
+    """The format (default: hf for Hugging Face models, prunescope otherwise), example batch and origin
+    :func:`prunescope.save` gets for ``model``."""
+    from .export import default_format
     from .export.onnx_file import default_example
     from .export.spec_folder import origin_of_spec
 
     chosen = export_format or default_format(model)
     if chosen == "onnx" and example is None:
         example = default_example(model, loaded.input_shape)
-    check_format(model, chosen, example=example, origin=origin_of_spec(loaded.spec))
+    return {"format": chosen, "example": example, "origin": origin_of_spec(loaded.spec)}
+
+
+def _check_export(model: nn.Module, export_format: str | None, loaded: LoadedModel, example: Any) -> None:
+    """Refuse now a model the chosen format cannot hold, not after the pruning and evaluations."""
+    from .export import check_format
+
+    check_format(model, **_save_arguments(model, export_format, loaded, example))
 
 
 def write_pruned(run: PruneRun, out: Path, export_format: str | None = None) -> dict[str, Any]:
     """Save the pruned model with :func:`prunescope.save` in ``export_format`` (default: hf for Hugging
     Face models, prunescope otherwise), then plan.json and summary.json beside it; returns the summary."""
     from .atomic import write_text_atomic
-    from .export import default_format, read_manifest, save
-    from .export.onnx_file import default_example
-    from .export.spec_folder import origin_of_spec
+    from .export import read_manifest, save
     from .jsonfile import strict_json
 
-    chosen = export_format or default_format(run.pruned)
-    example = run.example
-    if chosen == "onnx" and example is None:
-        example = default_example(run.pruned, run.loaded.input_shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notes are in the manifest, which the CLI prints
-        save(run.pruned, out, format=chosen, example=example, tokenizer=run.loaded.tokenizer,
-             origin=origin_of_spec(run.loaded.spec))
+        save(run.pruned, out, tokenizer=run.loaded.tokenizer, **_save_arguments(run.pruned, export_format, run.loaded, run.example))
     results = {**run.results, "export": read_manifest(out), "params_pruned": nonzero_parameters(run.pruned)}
     run.plan.save(out / "plan.json")
     write_text_atomic(out / "summary.json", strict_json(results, indent=1))
