@@ -69,10 +69,7 @@ def apply(
         return prune_oneshot(model, calibration, criterion=plan.criterion, level=plan.levels, inplace=inplace, mask=True,
                              progress=progress, **plan.options)
     result = model if inplace else copy.deepcopy(model)
-    modules = dict(prunable_modules(result))
-    missing = [name for name in plan.levels if name not in modules]
-    if missing:
-        raise PrunescopeError(f"plan names layers this model does not have: {', '.join(missing[:5])}")
+    modules = dict(prunable_modules(result))  # every planned name is one of them: Plan.check_for refused others
     for name, level in plan.levels.items():
         if level == 0:
             continue
