@@ -14,6 +14,7 @@ from .oneshot import prune_oneshot  # noqa: E402
 from .plan import Budget, Plan  # noqa: E402
 from .profile import Cell, Profile  # noqa: E402
 from .scan import scan  # noqa: E402
+from .search import search  # noqa: E402
 from .shards import merge_profiles  # noqa: E402
 from .target import Target  # noqa: E402
 from .targets import default_excludes, find_targets  # noqa: E402
@@ -23,5 +24,5 @@ from .weight_masks import load_masked, make_permanent, masks_of, sparsity_of  # 
 __all__ = [
     "Budget", "Cell", "Evaluation", "Evaluator", "Metric", "NMPattern", "Plan", "Profile", "PrunescopeError",
     "Target", "agreement", "allocate", "apply", "default_excludes", "estimate", "evaluate", "find_targets", "keep_mask", "load", "load_masked",
-    "make_permanent", "masks_of", "merge_profiles", "parse_level", "prune_oneshot", "save", "scan", "sparsity_of",
+    "make_permanent", "masks_of", "merge_profiles", "parse_level", "prune_oneshot", "save", "scan", "search", "sparsity_of",
 ]

@@ -9,10 +9,10 @@ from .hessian import InputStats, StatsCollector, collect_input_stats
 from .layers import LayerResult
 from .prune_layer import prune_rows
 from .sequential import LayerReport, OneShotReport, prune_oneshot
-from .sparsegpt import sparsegpt_prune
+from .sparsegpt import sparsegpt_prune, sparsegpt_prune_levels
 from .wanda import wanda_keep, wanda_prune
 
 __all__ = [
     "InputStats", "LayerReport", "LayerResult", "OneShotReport", "StatsCollector",
-    "collect_input_stats", "prune_oneshot", "prune_rows", "sparsegpt_prune", "wanda_keep", "wanda_prune",
+    "collect_input_stats", "prune_oneshot", "prune_rows", "sparsegpt_prune", "sparsegpt_prune_levels", "wanda_keep", "wanda_prune",
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -69,7 +70,25 @@ def sparsegpt_prune(
     dead inputs zeroed); against the undampened H it is an upper bound, close for small ``damp``.
     The sweep runs in float64 for a float64 weight, else float32; H is factorized in float64.
     """
-    parsed = parse_level(level)
+    return sparsegpt_prune_levels(weight, hessian, [level], block_size=block_size, damp=damp, name=name)[0]
+
+
+def sparsegpt_prune_levels(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    levels: Sequence[Level],
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    damp: float = DEFAULT_DAMP,
+    name: str = "the layer",
+) -> list[LayerResult]:
+    """:func:`sparsegpt_prune` at several levels from one factorization of the dampened H.
+
+    The dead-input handling and the Cholesky factor of ``H^-1`` do not depend on the level, so they
+    are computed once and every level runs only its own sweep; each result equals what
+    :func:`sparsegpt_prune` returns for that level alone (the same retries with more dampening).
+    """
+    parsed = [parse_level(level) for level in levels]
     check_sparsegpt_options(block_size, damp)
     if weight.dim() != 2:
         raise PrunescopeError(f"{name}: SparseGPT takes a 2-D weight [out, in]; got shape {tuple(weight.shape)}")
@@ -78,10 +97,11 @@ def sparsegpt_prune(
         raise PrunescopeError(f"{name}: the Hessian has shape {tuple(hessian.shape)}; the weight needs ({cols}, {cols})")
     if not bool(torch.isfinite(hessian).all()):
         raise PrunescopeError(f"{name}: its input statistics are not finite (inf or NaN activations on the calibration data)")
-    if isinstance(parsed, NMPattern):
-        check_nm_compatible((rows, cols), 1, parsed, name)
-        if block_size % parsed.m:
-            raise PrunescopeError(f"block_size {block_size} must be a multiple of M={parsed.m} for level '{parsed}'")
+    for level in parsed:
+        if isinstance(level, NMPattern):
+            check_nm_compatible((rows, cols), 1, level, name)
+            if block_size % level.m:
+                raise PrunescopeError(f"block_size {block_size} must be a multiple of M={level.m} for level '{level}'")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(dtype).clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
@@ -96,13 +116,20 @@ def sparsegpt_prune(
         h[dead, dead] = 1.0
         w[:, dead] = 0
     mean_diag = float(h.diagonal().mean())
+    results: dict[int, LayerResult] = {}
     relative = float(damp)
     for _ in range(RETRIES + 1):
         factor = _inverse_factor(h, relative * mean_diag)
         if factor is not None:
-            pruned, keep, error = _sweep(w.clone(), factor.to(dtype), parsed, block_size)
-            if bool(torch.isfinite(pruned).all()) and math.isfinite(error):
-                return LayerResult(pruned, keep, error, relative, dead_count)
+            factor = factor.to(dtype)
+            for index, level in enumerate(parsed):
+                if index in results:
+                    continue
+                pruned, keep, error = _sweep(w.clone(), factor, level, block_size)
+                if bool(torch.isfinite(pruned).all()) and math.isfinite(error):
+                    results[index] = LayerResult(pruned, keep, error, relative, dead_count)
+            if len(results) == len(parsed):
+                return [results[i] for i in range(len(parsed))]
         larger = relative * 10 if relative > 0 else 1e-6
         warnings.warn(f"{name}: the dampened Hessian is not positive definite (damp {relative:g} of its mean diagonal); "
                       f"retrying with damp {larger:g}", RuntimeWarning, stacklevel=2)

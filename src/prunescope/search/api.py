@@ -1,0 +1,196 @@
+"""``search``: per-layer levels chosen by measuring whole plans, warm-started from a profile."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import PrunescopeError
+from ..evaluator import Evaluator
+from ..fingerprint import model_fingerprint
+from ..identity import ScanIdentity
+from ..jsonfile import strict_json
+from ..oneshot.bank import DEFAULT_MAX_BYTES, VariantBank, build_variant_bank
+from ..oneshot.dense_stats import batches_fingerprint
+from ..plan import Budget, Plan
+from ..profile import Profile
+from .evolution import Selection, evolve
+from .space import LevelSpace
+from .state import SearchState
+
+STARTS = ("profile", "uniform")
+
+
+def search(
+    profile: Profile,
+    budget: Budget | float,
+    model: torch.nn.Module,
+    *,
+    fitness: Iterable[Any],
+    calibration: Iterable[Any] | None = None,
+    levels: Sequence[float] | None = None,
+    start: str = "profile",
+    offspring: int = 8,
+    survivors: int = 2,
+    screen: int = 1,
+    evaluations: int | None = None,
+    seconds: float | None = None,
+    state: str | Path | None = None,
+    seed: int = 0,
+    bank: VariantBank | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    progress: bool = False,
+) -> Plan:
+    """Search per-layer levels meeting ``budget`` exactly by the KL of whole pruned models to the dense one.
+
+    Args:
+        profile: a weight-granularity profile of a one-shot criterion (sparsegpt, wanda, magnitude):
+            its targets are the layers searched, its criterion prunes them, its curves give the start.
+        budget: a sparsity budget (fraction of the profile's weights removed) on the level grid.
+        model: the dense model (left bit-identical: candidates run on a copy).
+        fitness: batches the fitness is measured on (KL(dense || candidate), nats, token mean);
+            calibration data, never the held-out set.
+        calibration: batches for the criterion's input statistics (sparsegpt, wanda).
+        levels: the grid of levels a layer may take (ascending, equally spaced; default: the
+            profile's scanned levels). Every layer at every level is pruned once into a bank.
+        start: ``"profile"`` (the exact knapsack optimum of the profile's additive prediction on the
+            grid) or ``"uniform"`` (every layer at the budget: the cold start).
+        offspring, survivors, screen: candidates per generation, how many of them are re-measured on
+            all fitness batches after screening on ``screen`` random ones.
+        evaluations, seconds: stop before the generation that would pass either (one is required).
+        state: a JSON file saved after every generation; a re-run with it resumes.
+        bank: a variant bank built before (its levels must include the grid), to share between searches.
+        max_bytes: refuse a variant bank larger than this many bytes.
+
+    Returns a Plan (method ``"search"``) whose ``details`` hold the fitness of the start and the end,
+    the evaluations and seconds spent, the history per generation and the bank's size and build time.
+    """
+    budget = budget if isinstance(budget, Budget) else Budget(budget)
+    criterion = _check(profile, budget, start, offspring, survivors, screen, evaluations, seconds)
+    targets = profile.targets
+    for target in targets:
+        try:
+            weight = model.get_submodule(target.name).weight
+        except AttributeError:
+            raise PrunescopeError(f"the profile's target {target.name!r} is not a layer of this model: the profile is of another model") from None
+        if weight.numel() != target.params:
+            raise PrunescopeError(f"{target.name} has {weight.numel()} weights but the profile says {target.params}: another model")
+    grid = tuple(float(v) for v in (levels if levels is not None else [lv for lv in profile.levels if _fraction(lv)]))
+    space = LevelSpace(tuple(t.name for t in targets), tuple(t.params for t in targets), grid)
+    fitness_batches = list(fitness)
+    evaluator = Evaluator(model, fitness_batches, "kl")
+    calibration = None if calibration is None else list(calibration)
+    identity = _identity(profile, budget, model, evaluator, calibration, grid, start, offspring, survivors, screen, seed)
+    path = Path(state) if state is not None else None
+    if path is not None and path.exists():
+        current = SearchState.load(path, identity)
+    else:
+        current = None
+    if bank is None:
+        bank = build_variant_bank(model, calibration, space.names, grid, criterion=criterion, progress=progress,
+                                  max_bytes=max_bytes, **ScanIdentity.of_profile(profile).options)
+    working = _Working(model, bank)
+    with torch.no_grad():
+        def measure(states, indices):
+            values = []
+            for s in states:
+                working.set(space.level_of(s))
+                values.append(evaluator.evaluate(working.model, batch_indices=indices).value)
+            return values
+
+        if current is None:
+            first = space.best_start(_grid_drops(profile, space), budget.fraction) if start == "profile" else space.uniform(budget.fraction)
+            import random
+
+            current = SearchState(identity, list(first), measure([first], range(len(fitness_batches)))[0], evaluations=1)
+            current.keep_random(random.Random(seed))
+            current.history.append({"generation": 0, "evaluations": 1, "seconds": 0.0, "fitness": current.fitness})
+            if path is not None:
+                current.save(path)
+        start_fitness = current.history[0]["fitness"]
+        selection = Selection(offspring, survivors, screen, len(fitness_batches))
+        current = evolve(space, current, measure, selection, evaluations=evaluations, seconds=seconds, path=path, progress=progress)
+    plan_levels = space.level_of(current.parent)
+    from ..allocate import _predicted_drop
+
+    return Plan(
+        levels=plan_levels, params={t.name: t.params for t in targets}, criterion=criterion, granularity="weight",
+        method="search", budget=budget, predicted_drop=_predicted_drop(profile, plan_levels), metric=profile.metric,
+        details={"fitness": "KL(dense || pruned), nats per token, on the fitness batches", "fitness_start": start_fitness,
+                 "fitness_end": current.fitness, "start": start, "generations": current.generation,
+                 "evaluations": current.evaluations, "seconds": round(current.seconds, 1), "grid": list(grid),
+                 "selection": {"offspring": offspring, "survivors": survivors, "screen": screen,
+                               "fitness_batches": len(fitness_batches)},
+                 "bank_bytes": bank.nbytes, "bank_seconds": round(bank.seconds, 1), "history": current.history,
+                 "predicted_drop_is": "sum of per-target drops of the profile (additive assumption)"},
+        **ScanIdentity.of_profile(profile).removal(),
+    )
+
+
+def _fraction(level) -> bool:
+    return not isinstance(level, str) or ":" not in level
+
+
+class _Working:
+    """A copy of the dense model whose searched layers hold bank variants; only changed layers are written."""
+
+    def __init__(self, model: torch.nn.Module, bank: VariantBank) -> None:
+        self.model = copy.deepcopy(model)
+        self.bank = bank
+        self.dense = {n: model.get_submodule(n).weight for n in bank.names}
+        self.current: dict[str, float] = {n: 0.0 for n in bank.names}
+
+    def set(self, levels: dict[str, float]) -> None:
+        for name, level in levels.items():
+            if self.current.get(name) != level:
+                source = self.bank.weight(name, level) if level else self.dense[name]
+                self.model.get_submodule(name).weight.copy_(source)
+                self.current[name] = level
+
+
+def _grid_drops(profile: Profile, space: LevelSpace) -> np.ndarray:
+    from ..allocate import _interp_drop, _monotone_curve
+
+    curves = {name: _monotone_curve(profile, name) for name in space.names}
+    return np.array([[_interp_drop(*curves[n], level) for level in space.levels] for n in space.names])
+
+
+def _check(profile, budget, start, offspring, survivors, screen, evaluations, seconds) -> str:
+    from ..criteria import check_criterion
+
+    if not isinstance(profile, Profile):
+        raise PrunescopeError(f"profile must be a prunescope.Profile (Profile.load(path) reads a file); got {type(profile).__name__}")
+    if profile.granularity != "weight":
+        raise PrunescopeError(f"search covers weight-granularity profiles (unstructured levels); this one is {profile.granularity}")
+    criterion = check_criterion(profile.criterion, "weight", oneshot=True)
+    if budget.kind != "sparsity":
+        raise PrunescopeError(f"search meets a sparsity budget (fraction of the profile's weights); got a {budget.kind} budget")
+    if start not in STARTS:
+        raise PrunescopeError(f"unknown search start {start!r}; accepted: {', '.join(STARTS)}")
+    for name, value in (("offspring", offspring), ("survivors", survivors), ("screen", screen)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PrunescopeError(f"{name} must be a whole number >= 1; got {value!r}")
+    if evaluations is None and seconds is None:
+        raise PrunescopeError("a search needs a limit: evaluations= (candidate evaluations) or seconds= (wall time)")
+    if evaluations is not None and (isinstance(evaluations, bool) or not isinstance(evaluations, int) or evaluations < 1):
+        raise PrunescopeError(f"evaluations must be a whole number >= 1; got {evaluations!r}")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0):
+        raise PrunescopeError(f"seconds must be a number > 0; got {seconds!r}")
+    return criterion
+
+
+def _identity(profile, budget, model, evaluator, calibration, grid, start, offspring, survivors, screen, seed) -> dict:
+    identity = {
+        "model_sha256": model_fingerprint(model), "fitness_sha256": evaluator.fingerprint,
+        "calibration_sha256": batches_fingerprint(calibration) if calibration else None,
+        "criterion": profile.criterion, "options": ScanIdentity.of_profile(profile).options,
+        "targets": [t.name for t in profile.targets], "grid": list(grid), "budget": budget.fraction, "start": start,
+        "offspring": offspring, "survivors": survivors, "screen": screen, "seed": seed,
+    }
+    return json.loads(strict_json(identity))
