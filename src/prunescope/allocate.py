@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 import torch
 
+from .baselines import METHODS as BASELINE_METHODS
+from .baselines import baseline_levels
 from .cost import CostModel
 from .errors import PrunescopeError
 from .identity import ScanIdentity
@@ -13,10 +18,11 @@ from .plan import Budget, Plan
 from .profile import Profile
 from .target import weight_of
 
-METHODS = ("uniform", "global_magnitude", "threshold")
+METHODS = ("uniform", "global_magnitude", "threshold", *BASELINE_METHODS)
 
 
-def allocate(profile: Profile, budget: Budget | float, *, method: str = "threshold", model: torch.nn.Module | None = None) -> Plan:
+def allocate(profile: Profile, budget: Budget | float, *, method: str = "threshold", model: torch.nn.Module | None = None,
+             calibration: Iterable[Any] | None = None, owl_m: float | None = None, owl_lambda: float | None = None) -> Plan:
     """Choose a level per target so the plan removes the budget's fraction: of the profile's
     parameters (``Budget(sparsity=)``), of all the model's parameters (``params=``) or of its
     Conv/Linear FLOPs (``flops=``), the last two from the shrunk shapes (see :mod:`prunescope.cost`).
@@ -28,6 +34,11 @@ def allocate(profile: Profile, budget: Budget | float, *, method: str = "thresho
         ``"threshold"``: each target gets the largest level whose measured drop stays under one
         shared drop threshold, interpolating linearly between scanned levels; the threshold is
         found by bisection so the plan meets the budget (the PaddleSlim / AIMET rule).
+        ``"erk"``, ``"lamp"``, ``"owl"``: the layer-wise baselines of :mod:`prunescope.baselines`
+        (a weight profile and a sparsity budget; ``lamp`` and ``owl`` need ``model``, ``owl`` also
+        ``calibration`` batches and takes ``owl_m`` (default 5) and ``owl_lambda`` (default 0.08)).
+        They keep the profile's criterion; ``predicted_drop`` is None when a level lies beyond the
+        profile's scanned levels.
     """
     if not isinstance(profile, Profile):
         raise PrunescopeError(f"profile must be a prunescope.Profile (Profile.load(path) reads a file); got {type(profile).__name__}")
@@ -35,6 +46,8 @@ def allocate(profile: Profile, budget: Budget | float, *, method: str = "thresho
         budget = Budget(budget)
     if method not in METHODS:
         raise PrunescopeError(f"unknown allocation method {method!r}; accepted: {', '.join(METHODS)}")
+    if method != "owl" and (owl_m is not None or owl_lambda is not None):
+        raise PrunescopeError(f"owl_m and owl_lambda apply to method 'owl' only; method is {method!r}")
     params = {t.name: t.params for t in profile.targets}
     if profile.granularity != "weight" and method == "global_magnitude":
         raise PrunescopeError(f"global_magnitude ranks single weights; for {profile.granularity} targets use threshold or uniform")
@@ -42,6 +55,9 @@ def allocate(profile: Profile, budget: Budget | float, *, method: str = "thresho
         if method != "threshold":
             raise PrunescopeError("blocks are kept or removed whole: use method 'threshold'")
         levels, details = _blocks(profile, budget)
+    elif method in BASELINE_METHODS:
+        levels, details = baseline_levels(method, profile, budget, model=model, calibration=calibration,
+                                          owl_m=owl_m, owl_lambda=owl_lambda)
     elif method == "uniform":
         levels, details = _uniform(profile, budget), {}
     elif method == "global_magnitude":
@@ -49,6 +65,8 @@ def allocate(profile: Profile, budget: Budget | float, *, method: str = "thresho
     else:
         levels, details = _threshold(profile, budget)
     predicted = _predicted_drop(profile, levels)
+    if method in BASELINE_METHODS and predicted is not None and not np.isfinite(predicted):
+        predicted = None  # a level past the scanned ones: the profile has no prediction there
     details.update(_predicted_costs(profile, levels))
     return Plan(
         levels=levels,
