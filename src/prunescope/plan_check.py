@@ -80,6 +80,16 @@ def check_plan(
         raise PrunescopeError(f"confidence must be a fraction in [0.5, 1); got {confidence!r}")
     started = time.perf_counter()
     pruned = apply(model, plan, shrink=shrink, example=example, calibration=calibration)
+    return check_pruned(pruned, plan, evaluator, confidence=confidence, started=started)
+
+
+def check_pruned(pruned: torch.nn.Module, plan: Plan, evaluator: Evaluator, *, confidence: float = 0.95,
+                 started: float | None = None) -> PlanCheck:
+    """The check of a model already pruned by ``plan``, on ``evaluator`` (built on the dense model):
+    one pruning can be checked on several evaluators (the profile's data, a held-out set)."""
+    if not (isinstance(confidence, float) and 0.5 <= confidence < 1):
+        raise PrunescopeError(f"confidence must be a fraction in [0.5, 1); got {confidence!r}")
+    started = time.perf_counter() if started is None else started
     dense = evaluator.dense
     evaluation = evaluator.evaluate(pruned)
     metric = evaluator.metric

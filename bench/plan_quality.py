@@ -1,0 +1,158 @@
+"""Plan quality on SmolLM2-135M (issue 13): uniform, OWL, threshold, knapsack and search plans, each checked.
+
+Protocol (bench/plan_quality_data.py): calibration windows 0..31 of the pydoc text (Wanda /
+SparseGPT statistics), the profile's KL on windows 32..33, the search's fitness on windows 32..35
+(screening on one of them), held-out perplexity on windows 110..125. The profile comes from
+bench/plan_quality_profile.py. Every plan is saved under bench/results/plan_quality/ and checked by
+applying it as a user would (``prunescope.apply`` with the calibration windows: block by block):
+measured KL on the profile windows against the additive prediction, and held-out perplexity.
+
+    python bench/plan_quality.py check --criterion sparsegpt --sparsity 0.7 --method uniform
+    python bench/plan_quality.py search --criterion sparsegpt --sparsity 0.7 --start profile --evaluations 600
+    python bench/plan_quality.py bank --criterion sparsegpt     # bank build time against one uniform run
+
+One JSON line per run, printed and appended to ``--out``; a (criterion, sparsity, method) already
+there is skipped, so a driver script can be re-run after a kill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from plan_quality_data import CALIBRATION, FITNESS, HELD_OUT, PROFILE, windows  # noqa: E402
+
+PLANS = Path(__file__).parent / "results" / "plan_quality"
+RUNS = Path("/work/runs/plan_quality")
+GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+FITNESS_WINDOWS = (FITNESS[0], 4)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def done(out: Path, key: dict) -> bool:
+    if not out.exists():
+        return False
+    for line in out.read_text().splitlines():
+        row = json.loads(line)
+        if all(row.get(k) == v for k, v in key.items()):
+            return True
+    return False
+
+
+def emit(out: Path, row: dict) -> None:
+    row["command"] = shlex.join(["python", *sys.argv])
+    print(json.dumps(row), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def setup(threads: int):
+    import torch
+
+    from prunescope.models import load_model
+
+    torch.set_num_threads(threads)
+    loaded = load_model("smollm2")
+    return loaded, windows(loaded, CALIBRATION)
+
+
+def make_plan(args, loaded, calibration):
+    import prunescope as ps
+
+    model = loaded.model
+    profile = ps.Profile.load(args.profile or RUNS / f"profile_{args.criterion}.json")
+    budget = ps.Budget(sparsity=args.sparsity)
+    if args.command == "search":
+        state = RUNS / f"search_{args.criterion}_{args.sparsity}_{args.start}.json"
+        plan = ps.search(profile, budget, model, fitness=windows(loaded, FITNESS_WINDOWS), calibration=calibration, levels=GRID,
+                         start=args.start, evaluations=args.evaluations, seconds=args.seconds, state=state, seed=args.seed,
+                         progress=args.progress)
+        return plan, f"search-{'warm' if args.start == 'profile' else 'cold'}"
+    if args.method == "owl":
+        return ps.allocate(profile, budget, method="owl", model=model, calibration=calibration), "owl"
+    return ps.allocate(profile, budget, method=args.method, model=model), args.method
+
+
+def check(args) -> None:
+    import prunescope as ps
+    from prunescope.plan_check import check_pruned
+
+    method = args.method if args.command == "check" else f"search-{'warm' if args.start == 'profile' else 'cold'}"
+    key = {"criterion": args.criterion, "sparsity": args.sparsity, "method": method}
+    if done(args.out, key):
+        log(f"skip {key}: already in {args.out}")
+        return
+    loaded, calibration = setup(args.threads)
+    model = loaded.model
+    started = time.perf_counter()
+    plan, method = make_plan(args, loaded, calibration)
+    plan_seconds = time.perf_counter() - started
+    path = PLANS / f"{args.criterion}-{args.sparsity}-{method}.json"
+    plan.save(path)
+    started = time.perf_counter()
+    pruned = ps.apply(model, plan, calibration=calibration)
+    apply_seconds = time.perf_counter() - started
+    profile_check = check_pruned(pruned, plan, ps.Evaluator(model, windows(loaded, PROFILE), "kl"))
+    held_out = check_pruned(pruned, plan, ps.Evaluator(model, windows(loaded, HELD_OUT), "perplexity"))
+    row = {**key, "plan": str(path.relative_to(Path(__file__).parent.parent)), "plan_sparsity": round(plan.sparsity, 6),
+           "held_out_ppl": round(held_out.pruned, 3), "held_out_dense_ppl": round(held_out.dense, 3),
+           "held_out_ci": [round(held_out.ci_low + held_out.dense, 3), round(held_out.ci_high + held_out.dense, 3)],
+           "kl_measured": profile_check.measured, "kl_ci": [profile_check.ci_low, profile_check.ci_high],
+           "kl_predicted": profile_check.predicted, "predicted_over_measured": profile_check.ratio,
+           "plan_s": round(plan_seconds, 1), "apply_s": round(apply_seconds, 1), "threads": args.threads}
+    for name in ("fitness_start", "fitness_end", "generations", "evaluations", "seconds", "bank_seconds", "bank_bytes"):
+        if name in plan.details:
+            row[f"search_{name}"] = plan.details[name]
+    emit(args.out, row)
+
+
+def bank(args) -> None:
+    """The bank of every layer at every grid level against one uniform one-shot run, same process."""
+    import prunescope as ps
+    from prunescope.oneshot.bank import build_variant_bank
+
+    loaded, calibration = setup(args.threads)
+    model = loaded.model
+    names = [t.name for t in ps.find_targets(model)]
+    started = time.perf_counter()
+    ps.prune_oneshot(model, calibration, criterion=args.criterion, level=0.5)
+    uniform_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    built = build_variant_bank(model, calibration, names, GRID, criterion=args.criterion)
+    bank_seconds = time.perf_counter() - started
+    emit(args.out, {"stage": "bank", "criterion": args.criterion, "layers": len(names), "levels": list(GRID),
+                    "bank_s": round(bank_seconds, 1), "uniform_oneshot_s": round(uniform_seconds, 1),
+                    "bank_over_uniform": round(bank_seconds / uniform_seconds, 2), "bank_gib": round(built.nbytes / 2**30, 2),
+                    "threads": args.threads})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("check", "search", "bank"))
+    parser.add_argument("--criterion", default="sparsegpt", choices=("sparsegpt", "wanda"))
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--method", default="threshold", choices=("uniform", "owl", "threshold", "knapsack", "erk", "lamp"))
+    parser.add_argument("--start", default="profile", choices=("profile", "uniform"))
+    parser.add_argument("--evaluations", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "plan_quality.jsonl")
+    args = parser.parse_args()
+    log("command: " + shlex.join([sys.executable, *sys.argv]))
+    bank(args) if args.command == "bank" else check(args)
+
+
+if __name__ == "__main__":
+    main()
