@@ -69,8 +69,13 @@ def make_plan(args, loaded, calibration):
     import prunescope as ps
 
     model = loaded.model
-    profile = ps.Profile.load(args.profile or RUNS / f"profile_{args.criterion}.json")
     budget = ps.Budget(sparsity=args.sparsity)
+    if args.command == "check" and args.method == "uniform":  # needs no profile: the same plan allocate(method="uniform") makes
+        targets = ps.find_targets(model)
+        options = {"block_size": 128, "damp": 0.01} if args.criterion == "sparsegpt" else {}
+        return ps.Plan({t.name: args.sparsity for t in targets}, {t.name: t.params for t in targets}, args.criterion,
+                       method="uniform", budget=budget, options=options), "uniform"
+    profile = ps.Profile.load(args.profile or RUNS / f"profile_{args.criterion}.json")
     if args.command == "search":
         state = RUNS / f"search_{args.criterion}_{args.sparsity}_{args.start}.json"
         plan = ps.search(profile, budget, model, fitness=windows(loaded, FITNESS_WINDOWS), calibration=calibration, levels=GRID,
