@@ -15,9 +15,9 @@ LAYERS = {
         "python_factory", "outputs"],
     2: ["levels", "metrics", "evaluator", "target", "profile", "plan", "criteria", "identity", "store", "structure.groups", "profile_csv", "schema"],
     3: ["masks", "weight_masks", "structure", "cost", "latency", "oneshot", "incremental", "cell_measure", "cell_runner",
-        "targets", "structured", "digits", "scan_checks", "baselines"],
-    4: ["scan", "search", "plan_check", "execution", "estimate", "allocate", "apply", "report", "report_text", "report_tables",
-        "report_curves", "loading", "export", "shards", "data", "models"],
+        "targets", "structured", "digits", "scan_checks", "baselines", "curves", "removal", "knapsack"],
+    4: ["scan", "search", "plan_check", "execution", "estimate", "allocate", "allocate_knapsack", "apply", "report", "report_text",
+        "report_tables", "report_curves", "loading", "export", "shards", "data", "models"],
     5: ["cli", "cli_options", "runs", "demo", ""],
 }
 """Layer of each module (a package name covers its submodules unless one is listed itself):

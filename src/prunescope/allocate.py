@@ -8,21 +8,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from .allocate_knapsack import check_grid_step, knapsack_levels
 from .baselines import METHODS as BASELINE_METHODS
 from .baselines import baseline_levels
 from .cost import CostModel
+from .curves import monotone_curve as _monotone_curve
+from .curves import predicted_drop as _predicted_drop
 from .errors import PrunescopeError
 from .identity import ScanIdentity
-from .levels import removed_share
 from .plan import Budget, Plan
 from .profile import Profile
+from .removal import removed_fraction
+from .removal import unreachable as _unreachable
 from .target import weight_of
 
-METHODS = ("uniform", "global_magnitude", "threshold", *BASELINE_METHODS)
+METHODS = ("uniform", "global_magnitude", "threshold", "knapsack", *BASELINE_METHODS)
 
 
 def allocate(profile: Profile, budget: Budget | float, *, method: str = "threshold", model: torch.nn.Module | None = None,
-             calibration: Iterable[Any] | None = None, owl_m: float | None = None, owl_lambda: float | None = None) -> Plan:
+             calibration: Iterable[Any] | None = None, owl_m: float | None = None, owl_lambda: float | None = None,
+             grid_step: float | None = None) -> Plan:
     """Choose a level per target so the plan removes the budget's fraction: of the profile's
     parameters (``Budget(sparsity=)``), of all the model's parameters (``params=``) or of its
     Conv/Linear FLOPs (``flops=``), the last two from the shrunk shapes (see :mod:`prunescope.cost`).
@@ -39,6 +44,10 @@ def allocate(profile: Profile, budget: Budget | float, *, method: str = "thresho
         ``calibration`` batches and takes ``owl_m`` (default 5) and ``owl_lambda`` (default 0.08)).
         They keep the profile's criterion; ``predicted_drop`` is None when a level lies beyond the
         profile's scanned levels.
+        ``"knapsack"``: the least summed predicted drop meeting the budget, over levels every
+        ``grid_step`` (default 0.01) up to each target's largest scanned level (blocks: kept or
+        removed), solved as a multiple-choice knapsack to ``details["optimality_gap"]`` (see
+        :mod:`prunescope.allocate_knapsack`); never a larger predicted drop than ``"threshold"``.
     """
     if not isinstance(profile, Profile):
         raise PrunescopeError(f"profile must be a prunescope.Profile (Profile.load(path) reads a file); got {type(profile).__name__}")
@@ -48,13 +57,16 @@ def allocate(profile: Profile, budget: Budget | float, *, method: str = "thresho
         raise PrunescopeError(f"unknown allocation method {method!r}; accepted: {', '.join(METHODS)}")
     if method != "owl" and (owl_m is not None or owl_lambda is not None):
         raise PrunescopeError(f"owl_m and owl_lambda apply to method 'owl' only; method is {method!r}")
+    grid_step = check_grid_step(grid_step, method)
     params = {t.name: t.params for t in profile.targets}
     if profile.granularity != "weight" and method == "global_magnitude":
         raise PrunescopeError(f"global_magnitude ranks single weights; for {profile.granularity} targets use threshold or uniform")
     if profile.granularity == "block":
-        if method != "threshold":
-            raise PrunescopeError("blocks are kept or removed whole: use method 'threshold'")
+        if method not in ("threshold", "knapsack"):
+            raise PrunescopeError("blocks are kept or removed whole: use method 'threshold' or 'knapsack'")
         levels, details = _blocks(profile, budget)
+        if method == "knapsack":
+            levels, details = knapsack_levels(profile, budget, grid_step, levels)
     elif method in BASELINE_METHODS:
         levels, details = baseline_levels(method, profile, budget, model=model, calibration=calibration,
                                           owl_m=owl_m, owl_lambda=owl_lambda)
@@ -62,6 +74,8 @@ def allocate(profile: Profile, budget: Budget | float, *, method: str = "thresho
         levels, details = _uniform(profile, budget), {}
     elif method == "global_magnitude":
         levels, details = _global_magnitude(profile, budget, model), {}
+    elif method == "knapsack":
+        levels, details = knapsack_levels(profile, budget, grid_step, _threshold(profile, budget)[0])
     else:
         levels, details = _threshold(profile, budget)
     predicted = _predicted_drop(profile, levels)
@@ -80,32 +94,6 @@ def allocate(profile: Profile, budget: Budget | float, *, method: str = "thresho
         details={**details, **_structure_details(profile), "predicted_drop_is": "sum of per-target drops (additive assumption)"},
         **(ScanIdentity.of_profile(profile).removal() if method != "global_magnitude" else {}),
     )
-
-
-def removed_fraction(profile: Profile, budget: Budget):
-    """A function of a level dict giving the fraction of the budget's quantity that the levels remove."""
-    if budget.kind == "sparsity":
-        params = {t.name: t.params for t in profile.targets}
-        total = float(sum(params.values()))
-        return lambda levels: sum(removed_share(lv) * params[n] for n, lv in levels.items() if lv) / total
-    if profile.costs is None:
-        raise PrunescopeError(f"a {budget.kind} budget needs the profile's cost model; re-scan with this version of prunescope")
-    cost = CostModel.from_dict(profile.costs)
-    if budget.kind == "flops" and not cost.flops:
-        raise PrunescopeError("this profile has no FLOPs; scan with an evaluator so one batch can be measured")
-    dense = cost.params if budget.kind == "params" else cost.total_flops
-    index = 0 if budget.kind == "params" else 1
-    return lambda levels: 1.0 - cost.remaining(profile.targets, levels)[index] / dense
-
-
-def _unreachable(budget: Budget, most: float, why: str) -> PrunescopeError:
-    return PrunescopeError(
-        f"budget unreachable: {budget.fraction:.1%} of {_BUDGET_WORDS[budget.kind]} asked, but {why} allow at most "
-        f"{most:.1%}; scan higher levels, include more targets or lower the budget"
-    )
-
-
-_BUDGET_WORDS = {"sparsity": "prunable parameters", "params": "the model's parameters", "flops": "the model's FLOPs"}
 
 
 def _bisect(removed_at, goal: float, high: float) -> float:
@@ -133,38 +121,6 @@ def _uniform(profile: Profile, budget: Budget) -> dict[str, float]:
         raise _unreachable(budget, most, f"uniform levels up to the largest scanned ({top:g})")
     level = _bisect(lambda x: removed({n: x for n in names}), budget.fraction, top)
     return {name: level for name in names}
-
-
-def _monotone_curve(profile: Profile, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(levels, drops) from (0, 0) through the measured points, drops made non-decreasing and,
-    by a vanishing slope, strictly increasing so that every threshold maps to one level.
-    A non-finite drop (NaN, inf: the model broke) counts as worse than any finite one."""
-    points = profile.curve(name)
-    if not points:
-        raise PrunescopeError(f"target {name!r} has no fractional level in the profile; the threshold method needs some")
-    levels = np.array([0.0] + [p[0] for p in points])
-    raw = np.array([0.0] + [p[1] for p in points], dtype=np.float64)
-    finite = np.isfinite(raw)
-    worst = float(np.abs(raw[finite]).max()) if finite.any() else 1.0
-    raw[~finite] = 2.0 * worst + 1.0
-    drops = np.maximum.accumulate(np.maximum(raw, 0.0))
-    scale = max(float(drops[-1]), 1.0)
-    return levels, drops + 1e-6 * scale * levels
-
-
-def _interp_drop(levels: np.ndarray, drops: np.ndarray, level: float) -> float:
-    if level > levels[-1]:
-        return float("inf")
-    return float(np.interp(level, levels, drops))
-
-
-def _predicted_drop(profile: Profile, plan_levels: dict) -> float | None:
-    total = 0.0
-    for name, level in plan_levels.items():
-        if isinstance(level, str) or not profile.curve(name):
-            return None
-        total += _interp_drop(*_monotone_curve(profile, name), float(level))
-    return total
 
 
 def _threshold(profile: Profile, budget: Budget) -> tuple[dict[str, float], dict]:

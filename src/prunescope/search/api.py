@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..curves import interp_drop, monotone_curve, predicted_drop
 from ..errors import PrunescopeError
 from ..evaluator import Evaluator
 from ..fingerprint import model_fingerprint
@@ -117,11 +118,9 @@ def search(
         selection = Selection(offspring, survivors, screen, len(fitness_batches))
         current = evolve(space, current, measure, selection, evaluations=evaluations, seconds=seconds, path=path, progress=progress)
     plan_levels = space.level_of(current.parent)
-    from ..allocate import _predicted_drop
-
     return Plan(
         levels=plan_levels, params={t.name: t.params for t in targets}, criterion=criterion, granularity="weight",
-        method="search", budget=budget, predicted_drop=_predicted_drop(profile, plan_levels), metric=profile.metric,
+        method="search", budget=budget, predicted_drop=predicted_drop(profile, plan_levels), metric=profile.metric,
         details={"fitness": "KL(dense || pruned), nats per token, on the fitness batches", "fitness_start": start_fitness,
                  "fitness_end": current.fitness, "start": start, "generations": current.generation,
                  "evaluations": current.evaluations, "seconds": round(current.seconds, 1), "grid": list(grid),
@@ -155,10 +154,8 @@ class _Working:
 
 
 def _grid_drops(profile: Profile, space: LevelSpace) -> np.ndarray:
-    from ..allocate import _interp_drop, _monotone_curve
-
-    curves = {name: _monotone_curve(profile, name) for name in space.names}
-    return np.array([[_interp_drop(*curves[n], level) for level in space.levels] for n in space.names])
+    curves = {name: monotone_curve(profile, name) for name in space.names}
+    return np.array([[interp_drop(*curves[n], level) for level in space.levels] for n in space.names])
 
 
 def _check(profile, budget, start, offspring, survivors, screen, evaluations, seconds) -> str:
