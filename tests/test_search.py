@@ -198,3 +198,20 @@ def test_a_search_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert 3 <= generation < 20
     resumed = subprocess.run([sys.executable, str(script), str(state)], capture_output=True, text=True, env=env, check=True)
     assert resumed.stdout == whole.stdout
+
+
+def test_a_magnitude_search_reports_the_fitness_its_applied_plan_has(setting):
+    model, _, fitness, _ = setting
+    profile = ps.scan(model, ps.Evaluator(model, fitness, "kl"), ps.find_targets(model), levels=LEVELS)
+    before = snapshot(model)
+    plan = ps.search(profile, 0.5, model, fitness=fitness, evaluations=30)
+    assert_unchanged(model, before)
+    assert plan.criterion == "magnitude" and plan.sparsity == pytest.approx(0.5, abs=1e-12)
+    measured = ps.Evaluator(model, fitness, "kl").evaluate(ps.apply(model, plan)).value
+    assert measured == pytest.approx(plan.details["fitness_end"], rel=1e-9)
+
+
+def test_layers_with_no_budget_preserving_move_are_refused_by_name(digits_model, digits_val):
+    profile = ps.scan(digits_model, ps.Evaluator(digits_model, digits_val, "loss"), levels=(0.6, 0.7, 0.8, 0.9))
+    with pytest.raises(ps.PrunescopeError, match="no move keeps the budget exact"):
+        ps.search(profile, 0.8, digits_model, fitness=digits_val[:1], evaluations=30)

@@ -24,7 +24,9 @@ from torch import nn
 
 from ..criteria import check_criterion, is_calibrated
 from ..errors import PrunescopeError
+from ..layer_kinds import weight_input_dim
 from ..levels import Level, level_key, parse_level
+from ..masks import keep_mask
 from ..progress import progress_bar
 from .blocks import capture_inputs, find_block_stack, run_block, with_stream
 from .hessian import StatsCollector
@@ -89,7 +91,8 @@ def build_variant_bank(
 ) -> VariantBank:
     """Prune each named Linear layer at each level from the dense model's inputs on ``batches``.
 
-    ``criterion``: ``"sparsegpt"``, ``"wanda"`` (calibrated: ``batches`` needed) or ``"magnitude"``.
+    ``criterion``: ``"sparsegpt"``, ``"wanda"`` (Linear layers of the model's blocks, calibrated:
+    ``batches`` needed) or ``"magnitude"`` (any prunable weight, masked exactly as :func:`prunescope.apply` masks it).
     The model is left bit-identical (it is only run, in eval mode without gradients).
     """
     criterion = check_criterion(criterion, "weight", oneshot=True)
@@ -103,7 +106,8 @@ def build_variant_bank(
             modules[name] = model.get_submodule(name)
         except AttributeError:
             raise PrunescopeError(f"layer {name!r} is not a module of this model") from None
-        check_linear_like(name, modules[name], criterion if criterion != "magnitude" else "sparsegpt")
+        if criterion != "magnitude":
+            check_linear_like(name, modules[name], criterion)
     if not modules:
         raise PrunescopeError("the variant bank needs at least one layer")
     needed = bank_bytes(model, names, parsed)
@@ -161,6 +165,12 @@ def _calibrated(model: nn.Module, calibration: list, modules: dict[str, nn.Modul
 
 
 def _store(bank: VariantBank, name: str, module: nn.Module, levels: list, stats) -> None:
+    if bank.criterion == "magnitude":  # any weight (convolutions too), masked exactly as apply masks it
+        weight = module.weight.detach()
+        masks = [keep_mask(weight, level, "magnitude", weight_input_dim(module), key=name) for level in levels]
+        bank.variants[name] = {level_key(lv): weight * keep for lv, keep in zip(levels, masks, strict=True)}
+        bank.errors[name] = {level_key(lv): None for lv in levels}
+        return
     rows = weight_rows(module)
     if bank.criterion == "sparsegpt":
         if stats.tokens == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,11 +90,15 @@ def search(
     calibration = None if calibration is None else list(calibration)
     identity = _identity(profile, budget, model, evaluator, calibration, grid, start, offspring, survivors, screen, seed)
     path = Path(state) if state is not None else None
-    if path is not None and path.exists():
-        current = SearchState.load(path, identity)
+    current = SearchState.load(path, identity) if path is not None and path.exists() else None
+    if current is None:
+        first = space.best_start(_grid_drops(profile, space), budget.fraction) if start == "profile" else space.uniform(budget.fraction)
     else:
-        current = None
-    if bank is None:
+        first = tuple(current.parent)
+    space.mutate(first, random.Random(seed))  # refuses, before any work, layers with no budget-preserving move
+    if bank is not None:
+        _check_bank(bank, criterion, space)
+    else:
         bank = build_variant_bank(model, calibration, space.names, grid, criterion=criterion, progress=progress,
                                   max_bytes=max_bytes, **ScanIdentity.of_profile(profile).options)
     working = _Working(model, bank)
@@ -106,9 +111,6 @@ def search(
             return values
 
         if current is None:
-            first = space.best_start(_grid_drops(profile, space), budget.fraction) if start == "profile" else space.uniform(budget.fraction)
-            import random
-
             current = SearchState(identity, list(first), measure([first], range(len(fitness_batches)))[0], evaluations=1)
             current.keep_random(random.Random(seed))
             current.history.append({"generation": 0, "evaluations": 1, "seconds": 0.0, "fitness": current.fitness})
@@ -151,6 +153,18 @@ class _Working:
                 source = self.bank.weight(name, level) if level else self.dense[name]
                 self.model.get_submodule(name).weight.copy_(source)
                 self.current[name] = level
+
+
+def _check_bank(bank: VariantBank, criterion: str, space: LevelSpace) -> None:
+    if not isinstance(bank, VariantBank) or bank.criterion != criterion:
+        raise PrunescopeError(f"bank must be a VariantBank of criterion {criterion!r} (build_variant_bank); got "
+                              f"{getattr(bank, 'criterion', type(bank).__name__)!r}")
+    missing = [n for n in space.names if n not in bank.variants]
+    levels = {float(lv) for lv in bank.levels if not isinstance(lv, str)}
+    off = [v for v in space.levels if v and not any(abs(v - lv) < 1e-9 for lv in levels)]
+    if missing or off:
+        raise PrunescopeError(f"the bank lacks {('layer ' + missing[0]) if missing else ('level ' + format(off[0], 'g'))} "
+                              "of the search; build it with the search's layers and levels")
 
 
 def _grid_drops(profile: Profile, space: LevelSpace) -> np.ndarray:
