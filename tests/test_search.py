@@ -215,3 +215,23 @@ def test_layers_with_no_budget_preserving_move_are_refused_by_name(digits_model,
     profile = ps.scan(digits_model, ps.Evaluator(digits_model, digits_val, "loss"), levels=(0.6, 0.7, 0.8, 0.9))
     with pytest.raises(ps.PrunescopeError, match="no move keeps the budget exact"):
         ps.search(profile, 0.8, digits_model, fitness=digits_val[:1], evaluations=30)
+
+
+def test_replaying_the_parents_unchanged_blocks_gives_the_same_fitness_bit_for_bit(setting):
+    from prunescope.search.api import _Measure, _Working
+
+    model, calibration, fitness, profile = setting
+    space = LevelSpace(tuple(t.name for t in profile.targets), tuple(t.params for t in profile.targets), LEVELS)
+    bank = build_variant_bank(model, calibration, space.names, LEVELS, criterion="sparsegpt")
+    evaluator = ps.Evaluator(model, fitness, "kl")
+    replaying = _Measure(_Working(model, bank), space, evaluator)
+    parent = space.uniform(0.5)
+    replaying([parent], range(3), record=True)
+    replaying.adopt(parent)
+    rng = random.Random(0)
+    children = [space.mutate(parent, rng) for _ in range(40)]
+    children = [c for c in children if replaying.replay.first_block(space.names, c) > 0][:3] + children[:2]
+    assert len(children) == 5
+    fresh = _Measure(_Working(model, bank), space, evaluator)
+    assert replaying(children, range(3)) == fresh(children, range(3))
+    assert replaying.blocks_skipped > 0 and fresh.blocks_skipped == 0

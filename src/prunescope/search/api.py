@@ -23,6 +23,7 @@ from ..oneshot.dense_stats import batches_fingerprint
 from ..plan import Budget, Plan
 from ..profile import Profile
 from .evolution import Selection, evolve
+from .replay import ParentReplay
 from .space import LevelSpace
 from .state import SearchState
 
@@ -102,20 +103,17 @@ def search(
         bank = build_variant_bank(model, calibration, space.names, grid, criterion=criterion, progress=progress,
                                   max_bytes=max_bytes, **ScanIdentity.of_profile(profile).options)
     working = _Working(model, bank)
+    measure = _Measure(working, space, evaluator)
     with torch.no_grad():
-        def measure(states, indices):
-            values = []
-            for s in states:
-                working.set(space.level_of(s))
-                values.append(evaluator.evaluate(working.model, batch_indices=indices).value)
-            return values
-
         if current is None:
-            current = SearchState(identity, list(first), measure([first], range(len(fitness_batches)))[0], evaluations=1)
+            current = SearchState(identity, list(first), measure([first], range(len(fitness_batches)), record=True)[0], evaluations=1)
             current.keep_random(random.Random(seed))
             current.history.append({"generation": 0, "evaluations": 1, "seconds": 0.0, "fitness": current.fitness})
             if path is not None:
                 current.save(path)
+        else:  # resumed: record the parent's block outputs again (the same numbers; not counted as an evaluation)
+            measure([tuple(current.parent)], range(len(fitness_batches)), record=True)
+        measure.adopt(tuple(current.parent))
         start_fitness = current.history[0]["fitness"]
         selection = Selection(offspring, survivors, screen, len(fitness_batches))
         current = evolve(space, current, measure, selection, evaluations=evaluations, seconds=seconds, path=path, progress=progress)
@@ -128,6 +126,7 @@ def search(
                  "evaluations": current.evaluations, "seconds": round(current.seconds, 1), "grid": list(grid),
                  "selection": {"offspring": offspring, "survivors": survivors, "screen": screen,
                                "fitness_batches": len(fitness_batches)},
+                 "blocks_skipped": measure.blocks_skipped / max(1, measure.blocks_skipped + measure.blocks_run),
                  "bank_bytes": bank.nbytes, "bank_seconds": round(bank.seconds, 1), "history": current.history,
                  "predicted_drop_is": "sum of per-target drops of the profile (additive assumption)"},
         **ScanIdentity.of_profile(profile).removal(),
@@ -147,12 +146,38 @@ class _Working:
         self.dense = {n: model.get_submodule(n).weight for n in bank.names}
         self.current: dict[str, float] = {n: 0.0 for n in bank.names}
 
+    @torch.no_grad()
     def set(self, levels: dict[str, float]) -> None:
         for name, level in levels.items():
             if self.current.get(name) != level:
                 source = self.bank.weight(name, level) if level else self.dense[name]
                 self.model.get_submodule(name).weight.copy_(source)
                 self.current[name] = level
+
+
+class _Measure:
+    """The fitness of states on fitness batches, each run from the first block where it differs from the parent."""
+
+    def __init__(self, working: _Working, space: LevelSpace, evaluator: Evaluator) -> None:
+        self.working, self.space, self.evaluator = working, space, evaluator
+        self.replay = ParentReplay(working.model, space.names)
+        self.blocks_run = self.blocks_skipped = 0
+
+    def __call__(self, states, indices, record: bool = False) -> list[float]:
+        values = []
+        indices = list(indices)
+        for state in states:
+            self.working.set(self.space.level_of(state))
+            skip = self.replay.first_block(self.space.names, state) if self.replay.covers(indices) else 0
+            skip = min(skip, len(self.replay.blocks))
+            self.blocks_skipped += skip * len(indices)
+            self.blocks_run += (len(self.replay.blocks) - skip) * len(indices)
+            with self.replay.running(state, skip, record):
+                values.append(self.evaluator.evaluate(self.working.model, batch_indices=indices, on_batch=self.replay.window).value)
+        return values
+
+    def adopt(self, state: tuple[int, ...]) -> None:
+        self.replay.adopt(state)
 
 
 def _check_bank(bank: VariantBank, criterion: str, space: LevelSpace) -> None:

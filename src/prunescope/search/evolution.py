@@ -11,16 +11,23 @@ random draws and ends exactly where an uninterrupted search of the same seed end
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..progress import progress_bar
 from .space import LevelSpace
 from .state import SearchState
 
-Fitness = Callable[[Sequence[tuple[int, ...]], Sequence[int]], list[float]]
-"""``fitness(states, batch_indices)``: one fitness (lower is better) per state on those batches."""
+
+class Fitness(Protocol):
+    """``fitness(states, batch_indices, record)``: one fitness (lower is better) per state on those batches;
+    ``record`` asks to keep what is needed to make one of them the parent, which ``adopt`` then does."""
+
+    def __call__(self, states: Sequence[tuple[int, ...]], batch_indices: Sequence[int], record: bool = False) -> list[float]: ...
+
+    def adopt(self, state: tuple[int, ...]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -78,11 +85,12 @@ def evolve(space: LevelSpace, state: SearchState, fitness: Fitness, selection: S
                 spent += len(children)
                 order = sorted(range(len(children)), key=lambda i: (screened[i], i))
                 children = [children[i] for i in order[: selection.survivors]]
-            measured = fitness(children, everything)
+            measured = fitness(children, everything, record=True)
             spent += len(children)
             best = min(range(len(children)), key=lambda i: (measured[i], i))
             if measured[best] < state.fitness:
                 state.parent, state.fitness = list(children[best]), float(measured[best])
+            fitness.adopt(tuple(state.parent))
             state.generation += 1
             state.evaluations += spent
             state.seconds = time.perf_counter() - started
