@@ -18,7 +18,7 @@ LAYERS = {
         "targets", "structured", "digits", "scan_checks", "baselines", "curves", "removal", "knapsack"],
     4: ["scan", "search", "plan_check", "execution", "estimate", "allocate", "allocate_knapsack", "apply", "report", "report_text",
         "report_tables", "report_curves", "loading", "export", "shards", "data", "models"],
-    5: ["cli", "cli_options", "runs", "demo", ""],
+    5: ["cli", "cli_options", "cli_console", "cli_plan", "runs", "plan_runs", "demo", ""],
 }
 """Layer of each module (a package name covers its submodules unless one is listed itself):
 1 utilities, 2 data model, 3 mechanics, 4 steps, 5 shells (the package itself re-exports the API)."""

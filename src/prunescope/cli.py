@@ -1,4 +1,5 @@
-"""Command line: prunescope scan | merge | estimate | plan | prune | report | demo. A thin shell over the Python API."""
+"""Command line: prunescope scan | merge | estimate | plan | search | prune | report | demo. A thin shell over the Python API
+(plan and search are in :mod:`prunescope.cli_plan`)."""
 
 from __future__ import annotations
 
@@ -7,32 +8,18 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from . import cli_options as options
+from . import cli_plan
 from .checks import whole_number
+from .cli_console import DATA_HELP, LEVELS_HELP, MODEL_HELP, console
+from .cli_console import echo as _echo
+from .cli_console import fail as _fail
 from .errors import PrunescopeError
 from .outputs import check_output_file, check_output_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pruning sensitivity analysis for PyTorch models.")
-console = Console()
-
-MODEL_HELP = "digits-cnn | torchvision:NAME | hf:PATH | smollm2 | minilm | python:MODULE:FUNCTION"
-DATA_HELP = "digits | pydoc | text:FILE | random:C,H,W"
-LEVELS_HELP = "comma list (0.3,0.5,2:4) or start:stop:step (default 0.1:0.9:0.1; channel/head/neuron: the fractions every group can take)"
-
-
-def _fail(error: Exception) -> None:
-    """Print the error literally (no rich markup or emoji codes: '[batch, tokens]' and ':x:' stay as written)."""
-    console.print(Text.assemble(("error: ", "bold red"), str(error)))
-    raise typer.Exit(2)
-
-
-def _echo(text: str) -> None:
-    """Print a line holding user text (paths, specs, names) literally."""
-    console.print(Text(text))
 
 
 def _load(model_spec: str, data_spec: str | None, samples: int | None, batch_size: int | None, seq_len: int,
@@ -202,46 +189,8 @@ def estimate(
     _echo(f"{estimate_note(profile)}; {profile.provenance['units']}; took {profile.provenance['seconds']:.1f}s; wrote {out}")
 
 
-@app.command()
-def plan(
-    profile: Path = typer.Option(Path("profile.json"), help="profile from `prunescope scan`"),
-    sparsity: float | None = typer.Option(None, help="fraction of the scanned layers' parameters to remove, in (0, 1)"),
-    params: float | None = typer.Option(None, help="or: fraction of all the model's parameters to remove"),
-    flops: float | None = typer.Option(None, help="or: fraction of the model's Conv/Linear FLOPs to remove"),
-    method: str = typer.Option("threshold", help="threshold | uniform | global_magnitude"),
-    model: str | None = typer.Option(None, help="needed by global_magnitude: " + MODEL_HELP),
-    out: Path = typer.Option(Path("plan.json")),
-) -> None:
-    """Turn a profile into a plan that meets a sparsity budget."""
-    from .allocate import allocate
-    from .plan import Budget
-    from .profile import Profile
-    from .report import plan_table
-
-    try:
-        check_output_file(out, "--out")
-        loaded_profile = Profile.load(profile)
-        budget = Budget(sparsity, params=params, flops=flops)
-        net = None
-        if method == "global_magnitude":
-            from .models import load_model
-
-            if model is None:
-                raise PrunescopeError("--method global_magnitude needs --model")
-            net = load_model(model).model
-        result = allocate(loaded_profile, budget, method=method, model=net)
-        result.save(out)
-    except PrunescopeError as error:
-        _fail(error)
-    console.print(plan_table(result))
-    predicted = "" if result.predicted_drop is None else f"; predicted {result.metric} drop (additive) {result.predicted_drop:.4g}"
-    costs = ""
-    if "params_after" in result.details:
-        d = result.details
-        costs = f"; parameters {d['params_dense']:,.0f} -> {d['params_after']:,.0f}"
-        if "flops_after" in d:
-            costs += f", FLOPs/sample {d['flops_dense']:.3g} -> {d['flops_after']:.3g}"
-    _echo(f"wrote {out}: {result.sparsity:.2%} of the scanned parameters{costs}{predicted}")
+app.command()(cli_plan.plan)
+app.command()(cli_plan.search)
 
 
 @app.command()
@@ -249,18 +198,18 @@ def prune(
     model: str = typer.Option("digits-cnn", help=MODEL_HELP),
     plan: Path = typer.Option(Path("plan.json")),
     data: str | None = typer.Option(None, help="evaluate dense vs pruned on this data: " + DATA_HELP
-                                    + " (one-shot default: pydoc for models with a tokenizer)"),
+                                    + " (one-shot and wanda/sparsegpt plans: calibration apart from it; default pydoc for models with a tokenizer)"),
     metric: str | None = typer.Option(None),
     samples: int | None = typer.Option(None),
     batch_size: int | None = typer.Option(None),
     seq_len: int = typer.Option(512),
-    first_window: int | None = typer.Option(None, help="first evaluation window (default 0; one-shot on text: the first window of the text's second half)"),
+    first_window: int | None = typer.Option(None, help="first evaluation window (default 0; one-shot and wanda/sparsegpt plans on text: the first window of the text's second half)"),
     split: str = typer.Option("val", help="digits split: val | test (as scan's; pass test for the held-out figure)"),
     compare_uniform: bool = typer.Option(False, help="also evaluate a uniform plan at the same sparsity"),
     shrink: bool = typer.Option(False, help="structured plans: a physically smaller model (default: masks, zeros baked into the weights)"),
     level: str | None = typer.Option(None, help="one-shot, no plan: prune every Linear of the model's blocks to this level (0.5, 2:4)"),
     criterion: str | None = typer.Option(None, help="with --level: magnitude (default) | wanda | sparsegpt"),
-    calibration_samples: int = typer.Option(32, help="with --level: calibration windows from the text's first half (digits: training images)"),
+    calibration_samples: int = typer.Option(32, help="with --level or a wanda/sparsegpt plan: calibration windows from the text's first half (digits: training images)"),
     include: list[str] | None = typer.Option(None, help="with --level: glob on layer names; repeatable"),
     exclude: list[str] | None = typer.Option(None, help="with --level: glob on layer names; repeatable"),
     out: Path = typer.Option(Path("pruned"), help="folder for the model files, plan.json, summary.json"),
@@ -273,7 +222,7 @@ def prune(
     """
     from .export import FORMATS
     from .plan import Plan
-    from .runs import Inputs, prune_by_plan, prune_in_one_shot, write_pruned
+    from .runs import DataOptions, plan_inputs, prune_by_plan, prune_in_one_shot, write_pruned
 
     try:  # the options, the plan and the output folder before the model is loaded
         check_output_folder(out, "--out")
@@ -292,14 +241,12 @@ def prune(
             if criterion is not None or include or exclude:
                 raise PrunescopeError("--criterion, --include and --exclude go with --level; a plan names its layers and criterion")
             loaded_plan = Plan.load(plan)
-            if data is not None:
-                loaded, evaluator = _load(model, data, samples, batch_size, seq_len, first_window or 0, split, metric)
-            else:
-                from .models import load_model
-
-                loaded, evaluator = load_model(model), None
-            run = prune_by_plan(Inputs(loaded, evaluator, data or "", 0.0), loaded_plan, shrink=shrink,
-                                compare_uniform=compare_uniform, export_format=export_format)
+            inputs, calibration = plan_inputs(model, loaded_plan, DataOptions(data, metric, samples, calibration_samples, batch_size,
+                                                                              seq_len, first_window, split))
+            if inputs.evaluator is not None:
+                _echo(f"model {model} loaded in {inputs.seconds:.1f}s; data: {inputs.description}; metric: {inputs.evaluator.metric.name}")
+            run = prune_by_plan(inputs, loaded_plan, shrink=shrink, compare_uniform=compare_uniform, export_format=export_format,
+                                calibration=calibration)
         for note in run.notes:
             _echo(note)
         results = write_pruned(run, out, export_format)

@@ -25,6 +25,19 @@ def check_data_options(samples: int | None, batch_size: int | None, seq_len: int
         resolve_metric(metric)
 
 
+def check_data_spec(spec: str | None) -> None:
+    """--data a known spec (digits, pydoc, text:FILE with the file there, random:C,H,W); None passes."""
+    from .data import DATA_SPECS
+
+    if spec is None or spec in ("digits", "pydoc"):
+        return
+    kind, _, rest = spec.partition(":")
+    if kind == "text" and not Path(rest).is_file():
+        raise PrunescopeError(f"text file {rest!r} does not exist (--data text:FILE)")
+    if kind not in ("text", "random") or not rest:
+        raise PrunescopeError(f"unknown data spec {spec!r}; accepted: {DATA_SPECS}")
+
+
 def check_unit_options(granularity: str, criterion: str | None, head_mode: str, round_to: int | None) -> None:
     """--granularity with its --criterion, --head-mode and --round-to."""
     from .scan_checks import check_scan_criterion

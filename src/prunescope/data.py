@@ -198,3 +198,53 @@ def oneshot_data(
     shape = tuple(evaluation.batches[0].shape[1:])  # random:C,H,W, the one spec left
     inputs = random_inputs(shape, calibration_samples, batch_size or 8, seed=1)
     return Data(inputs, "kl", f"{calibration_samples} random normal inputs of shape {shape}, seed 1"), evaluation
+
+
+def is_text_spec(spec: str) -> bool:
+    """Whether ``spec`` names text (``pydoc`` or ``text:FILE``), which is cut into token windows."""
+    return spec == "pydoc" or spec.partition(":")[0] == "text"
+
+
+def search_data(
+    spec: str,
+    loaded: LoadedModel,
+    *,
+    calibration_samples: int,
+    fitness_samples: int,
+    samples: int | None = None,
+    batch_size: int | None = None,
+    seq_len: int = 512,
+    first_window: int | None = None,
+) -> tuple[Data, Data, Data]:
+    """(calibration, fitness, evaluation) windows of a text for a search, kept apart.
+
+    The text's whole windows of ``seq_len`` tokens are cut into two halves: calibration is windows
+    ``0 .. calibration_samples - 1`` of the first half and fitness the ``fitness_samples`` windows after
+    them (both within the first half); ``samples`` (default 4) evaluation windows start at
+    ``first_window`` (default: the first window of the second half), never before the fitness windows end.
+    """
+    whole_number(calibration_samples, "calibration samples")
+    whole_number(fitness_samples, "fitness samples")
+    check_data_arguments(samples=samples, batch_size=batch_size, seq_len=seq_len, first_window=first_window)
+    if not is_text_spec(spec):
+        raise PrunescopeError(f"a search measures a language model on text; data spec {spec!r} is not text (accepted: pydoc, text:FILE)")
+    text = pydoc_text() if spec == "pydoc" else _read_text(spec.partition(":")[2])
+    ids = token_ids(text, loaded.tokenizer)
+    half = (ids.numel() // seq_len) // 2
+    used = calibration_samples + fitness_samples
+    if used > half:
+        raise PrunescopeError(f"the text's first half has {half} windows of {seq_len} tokens; {calibration_samples} calibration and "
+                              f"{fitness_samples} fitness windows need {used}")
+    start = half if first_window is None else first_window
+    if start < used:
+        raise PrunescopeError(f"evaluation windows from {start} would overlap the calibration and fitness windows 0..{used - 1}")
+    windows, size = samples or 4, batch_size or 1
+    source = "pydoc_data.topics" if spec == "pydoc" else spec.partition(":")[2]
+    metric = "perplexity" if loaded.kind == "causal_lm" else "cosine"
+
+    def part(count: int, first: int, what: str) -> Data:
+        return Data(windows_of(ids, seq_len, count, first, size), metric,
+                    f"{source}: windows {first}..{first + count - 1} of {seq_len} tokens{what}")
+
+    return (part(calibration_samples, 0, " (first half)"), part(fitness_samples, calibration_samples, " (first half)"),
+            part(windows, start, ""))

@@ -46,6 +46,30 @@ class PruneRun:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """The command line's data options: the spec (None: the model's default) and how it is cut into
+    batches (``samples`` evaluation images or windows, ``calibration_samples`` calibration ones)."""
+
+    spec: str | None = None
+    metric: str | None = None
+    samples: int | None = None
+    calibration_samples: int = 32
+    batch_size: int | None = None
+    seq_len: int = 512
+    first_window: int | None = None
+    split: str = "val"
+
+
+@dataclass
+class HeldApart:
+    """An evaluator on data held apart from the ``calibration`` batches, and what both are."""
+
+    evaluator: Evaluator
+    calibration: list[Any]
+    description: str
+
+
 def load_inputs(model_spec: str, data_spec: str | None, *, samples: int | None = None, batch_size: int | None = None,
                 seq_len: int = 512, first_window: int = 0, split: str = "val", metric: str | None = None) -> Inputs:
     """The model of ``model_spec`` and an Evaluator on ``data_spec`` (digits-cnn defaults to digits; a
@@ -72,11 +96,54 @@ def save_profile(profile: Profile, out: Path) -> None:
         profile.save(out.with_suffix(".csv"))
 
 
+def held_apart(loaded: LoadedModel, data: DataOptions, *, calibrated: bool = True) -> HeldApart:
+    """Calibration batches and, apart from them, an evaluator (see :func:`prunescope.data.oneshot_data`:
+    text: calibration from the start of the first half, evaluation from the second; digits: training
+    images and ``data.split``). Without a data spec: a python factory's evaluator (calibration on the
+    same batches), else pydoc for a model with a tokenizer and digits for digits-cnn.
+    ``calibrated`` says whether the calibration is used (it is then named in the description)."""
+    from .data import oneshot_data
+
+    if data.spec is None and loaded.evaluator is not None:
+        evaluator = loaded.evaluator
+        if data.metric is not None and data.metric != evaluator.metric.name:
+            evaluator = Evaluator(loaded.model, evaluator.batches, data.metric)
+        return HeldApart(evaluator, evaluator.batches, "the python factory's evaluator" + (
+            "; calibration on the same batches" if calibrated else ""))
+    spec = data.spec or ("pydoc" if loaded.tokenizer is not None else "digits" if loaded.spec == "digits-cnn" else None)
+    if spec is None:
+        raise PrunescopeError(f"--data is required for model {loaded.spec!r}; accepted: {DATA_SPECS}")
+    calibration, held_out = oneshot_data(spec, loaded, calibration_samples=data.calibration_samples, samples=data.samples,
+                                         batch_size=data.batch_size, seq_len=data.seq_len, first_window=data.first_window,
+                                         split=data.split)
+    evaluator = Evaluator(loaded.model, held_out.batches, data.metric or held_out.metric)
+    described = f"evaluation on {held_out.description}" + (f"; calibration on {calibration.description}" if calibrated else "")
+    return HeldApart(evaluator, calibration.batches, described)
+
+
+def plan_inputs(model_spec: str, plan: Plan, data: DataOptions) -> tuple[Inputs, list[Any] | None]:
+    """The model, the evaluator (where there is data) and the calibration batches (None unless the plan's
+    criterion calibrates) that ``plan`` is pruned and evaluated with. A Wanda or SparseGPT plan is
+    calibrated and evaluated on data held apart, as ``prune --level`` is (data defaults as there)."""
+    from .criteria import is_calibrated
+
+    if not is_calibrated(plan.criterion):
+        if data.spec is None:
+            return Inputs(load_model(model_spec, progress=True), None, "", 0.0), None
+        return load_inputs(model_spec, data.spec, samples=data.samples, batch_size=data.batch_size, seq_len=data.seq_len,
+                           first_window=data.first_window or 0, split=data.split, metric=data.metric), None
+    started = time.perf_counter()
+    loaded = load_model(model_spec, progress=True)
+    held = held_apart(loaded, data)
+    return Inputs(loaded, held.evaluator, held.description, time.perf_counter() - started), held.calibration
+
+
 def prune_by_plan(inputs: Inputs, plan: Plan, *, shrink: bool = False, compare_uniform: bool = False,
-                  export_format: str | None = None) -> PruneRun:
+                  export_format: str | None = None, calibration: list[Any] | None = None) -> PruneRun:
     """Apply ``plan`` to the loaded model (and, with ``compare_uniform``, a uniform plan at the same
     sparsity) and evaluate dense, pruned and uniform where ``inputs`` has an evaluator; a pruned
-    model that ``export_format`` cannot hold is refused before the evaluations."""
+    model that ``export_format`` cannot hold is refused before the evaluations. ``calibration``:
+    the batches a Wanda or SparseGPT plan is applied with (see :func:`plan_inputs`)."""
     from .apply import apply
 
     loaded, evaluator = inputs.loaded, inputs.evaluator
@@ -84,7 +151,7 @@ def prune_by_plan(inputs: Inputs, plan: Plan, *, shrink: bool = False, compare_u
     if plan.granularity == "channel" and example is None:
         raise PrunescopeError("a channel plan traces the model: give --data")
     example = example[0] if isinstance(example, (tuple, list)) else example
-    pruned = apply(loaded.model, plan, shrink=shrink, example=example)
+    pruned = apply(loaded.model, plan, shrink=shrink, example=example, calibration=calibration, progress=True)
     _check_export(pruned, export_format, loaded, example)
     results = {"plan_sparsity": plan.sparsity, "method": plan.method, "shrink": shrink,
                "params_dense": nonzero_parameters(loaded.model)}
@@ -96,7 +163,7 @@ def prune_by_plan(inputs: Inputs, plan: Plan, *, shrink: bool = False, compare_u
         if compare_uniform and plan.granularity == "block":
             notes.append("no uniform comparison for blocks: a block is kept or removed whole")
         elif compare_uniform:
-            uniform = apply(loaded.model, plan.uniform(), shrink=shrink, example=example)
+            uniform = apply(loaded.model, plan.uniform(), shrink=shrink, example=example, calibration=calibration, progress=True)
             results["uniform"] = evaluator.evaluate(uniform, progress=True).value
         results["metric"] = evaluator.metric.name
         results["eval_seconds"] = time.perf_counter() - started
@@ -115,7 +182,6 @@ def prune_in_one_shot(model_spec: str, level: str, criterion: str, data_spec: st
     """Load, calibrate apart from the evaluation data, evaluate dense, prune in place, evaluate pruned
     (a model that ``export_format`` cannot hold is refused as soon as it is loaded)."""
     from .criteria import check_criterion, is_calibrated
-    from .data import oneshot_data
     from .levels import parse_level
     from .oneshot import prune_oneshot
 
@@ -124,18 +190,9 @@ def prune_in_one_shot(model_spec: str, level: str, criterion: str, data_spec: st
     started = time.perf_counter()
     loaded = load_model(model_spec, progress=True)
     _check_export(loaded.model, export_format, loaded, None)
-    if data_spec is None and loaded.evaluator is not None:
-        evaluator, calibration = loaded.evaluator, loaded.evaluator.batches
-        described = "the python factory's evaluator; calibration on the same batches"
-    else:
-        data_spec = data_spec or ("pydoc" if loaded.tokenizer is not None else "digits" if model_spec == "digits-cnn" else None)
-        if data_spec is None:
-            raise PrunescopeError(f"--data is required for model {model_spec!r}; accepted: {DATA_SPECS}")
-        calibration_data, held_out = oneshot_data(data_spec, loaded, calibration_samples=calibration_samples, samples=samples,
-                                                  batch_size=batch_size, seq_len=seq_len, first_window=first_window, split=split)
-        evaluator, calibration = Evaluator(loaded.model, held_out.batches, metric or held_out.metric), calibration_data.batches
-        described = f"evaluation on {held_out.description}" + (
-            f"; calibration on {calibration_data.description}" if is_calibrated(criterion) else "")
+    data = DataOptions(data_spec, metric, samples, calibration_samples, batch_size, seq_len, first_window, split)
+    held = held_apart(loaded, data, calibrated=is_calibrated(criterion))
+    evaluator, calibration, described = held.evaluator, held.calibration, held.description
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     dense = evaluator.dense.value  # before pruning in place (also fixes the reference outputs of kl/cosine)

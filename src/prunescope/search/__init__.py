@@ -6,6 +6,6 @@
 - :mod:`.api`: :func:`search`, which builds the variant bank and runs it all.
 """
 
-from .api import search
+from .api import check_search, search
 
-__all__ = ["search"]
+__all__ = ["check_search", "search"]

@@ -75,7 +75,8 @@ def search(
     the evaluations and seconds spent, the history per generation and the bank's size and build time.
     """
     budget = budget if isinstance(budget, Budget) else Budget(budget)
-    criterion = _check(profile, budget, start, offspring, survivors, screen, evaluations, seconds)
+    criterion, space = check_search(profile, budget, levels=levels, start=start, offspring=offspring, survivors=survivors,
+                                    screen=screen, evaluations=evaluations, seconds=seconds)
     targets = profile.targets
     for target in targets:
         try:
@@ -84,8 +85,7 @@ def search(
             raise PrunescopeError(f"the profile's target {target.name!r} is not a layer of this model: the profile is of another model") from None
         if weight.numel() != target.params:
             raise PrunescopeError(f"{target.name} has {weight.numel()} weights but the profile says {target.params}: another model")
-    grid = tuple(float(v) for v in (levels if levels is not None else [lv for lv in profile.levels if _fraction(lv)]))
-    space = LevelSpace(tuple(t.name for t in targets), tuple(t.params for t in targets), grid)
+    grid = space.levels
     fitness_batches = list(fitness)
     evaluator = Evaluator(model, fitness_batches, "kl")
     calibration = None if calibration is None else list(calibration)
@@ -131,6 +131,25 @@ def search(
                  "predicted_drop_is": "sum of per-target drops of the profile (additive assumption)"},
         **ScanIdentity.of_profile(profile).removal(),
     )
+
+
+def check_search(profile: Profile, budget: Budget | float, *, levels: Sequence[float] | None = None, start: str = "profile",
+                 offspring: int = 8, survivors: int = 2, screen: int = 1, evaluations: int | None = None,
+                 seconds: float | None = None) -> tuple[str, LevelSpace]:
+    """``(criterion, space)`` of a search, every argument :func:`search` takes besides the model and data
+    checked (a command line calls it before loading the model): the profile, the budget on the level
+    grid, the start, the selection sizes and the limit."""
+    budget = budget if isinstance(budget, Budget) else Budget(budget)
+    criterion = _check(profile, budget, start, offspring, survivors, screen, evaluations, seconds)
+    if levels is not None and any(isinstance(v, str) or isinstance(v, bool) or not isinstance(v, (int, float)) for v in levels):
+        raise PrunescopeError(f"search levels are fractions on an equally spaced grid (e.g. 0.4,0.5,0.6); got {list(levels)}")
+    grid = tuple(float(v) for v in (levels if levels is not None else [lv for lv in profile.levels if _fraction(lv)]))
+    space = LevelSpace(tuple(t.name for t in profile.targets), tuple(t.params for t in profile.targets), grid)
+    if start == "uniform":
+        space.uniform(budget.fraction)
+    else:
+        space.best_start(np.zeros((len(space.names), len(grid))), budget.fraction)  # the budget is reachable on the grid
+    return criterion, space
 
 
 def _fraction(level) -> bool:
