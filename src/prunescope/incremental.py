@@ -52,14 +52,14 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-def _copy(value: Any) -> Any:
+def copy_output(value: Any) -> Any:
     """A fresh copy of a recorded output (downstream in-place ops must not touch the record)."""
     if isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, tuple):
-        return tuple(_copy(v) for v in value)
+        return tuple(copy_output(v) for v in value)
     if isinstance(value, list):
-        return [_copy(v) for v in value]
+        return [copy_output(v) for v in value]
     return value
 
 
@@ -139,7 +139,7 @@ class PrefixCache:
                 if not _storable(output):
                     unstorable.add(name)
                     return
-                self._keep((name, current["batch"]), _copy(output))
+                self._keep((name, current["batch"]), copy_output(output))
 
             return hook
 
@@ -171,7 +171,7 @@ class PrefixCache:
     def _recorded(self, name: str, batch: int) -> Any:
         key = (name, batch)
         if key in self._memory:
-            return _copy(self._memory[key])
+            return copy_output(self._memory[key])
         return torch.load(self._spilled[key], weights_only=True, mmap=True)
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ from .blocks import capture_inputs, find_block_stack, run_block, with_stream
 from .hessian import StatsCollector
 from .layers import check_linear_like, rows_to_layout, weight_rows
 from .prune_layer import needs_hessian, prune_rows
-from .sequential import _guarded, _in_stack
+from .sequential import block_containing, calibration_batches, guarded_call
 from .sparsegpt import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, check_sparsegpt_options, sparsegpt_prune_levels
 
 DEFAULT_MAX_BYTES = 8 * 2**30
@@ -114,13 +114,7 @@ def build_variant_bank(
     if needed > max_bytes:
         raise PrunescopeError(f"the variant bank needs {needed / 2**30:.2f} GiB ({len(names)} layers x {len(parsed)} levels), "
                               f"above max_bytes {max_bytes / 2**30:.2f} GiB: use fewer levels or layers, or raise max_bytes")
-    calibration: list[Any] = []
-    if is_calibrated(criterion):
-        if batches is None or isinstance(batches, (torch.Tensor, Mapping)):
-            raise PrunescopeError(f"criterion {criterion!r} calibrates on data: give batches as a list of batches")
-        calibration = list(batches)
-        if not calibration:
-            raise PrunescopeError("calibration batches are empty: give at least one batch")
+    calibration = calibration_batches(criterion, batches)
     options = {"block_size": block_size, "damp": damp} if criterion == "sparsegpt" else {}
     bank = VariantBank(criterion, [lv if isinstance(lv, float) else str(lv) for lv in parsed], {n: {} for n in names}, options)
     started = time.perf_counter()
@@ -141,8 +135,8 @@ def build_variant_bank(
 def _calibrated(model: nn.Module, calibration: list, modules: dict[str, nn.Module], levels: list, bank: VariantBank,
                 progress: bool) -> None:
     stack = find_block_stack(model)
-    per_block = {block: [n for n in modules if _in_stack(n, stack) == block] for block, _ in stack.blocks}
-    missing = [n for n in modules if _in_stack(n, stack) is None]
+    per_block = {block: [n for n in modules if block_containing(n, stack) == block] for block, _ in stack.blocks}
+    missing = [n for n in modules if block_containing(n, stack) is None]
     if missing:
         raise PrunescopeError(f"{missing[0]} is outside the model's blocks ({stack.path}); the variant bank covers block layers")
     last = max(i for i, (block, _) in enumerate(stack.blocks) if per_block[block])
@@ -153,7 +147,7 @@ def _calibrated(model: nn.Module, calibration: list, modules: dict[str, nn.Modul
             with StatsCollector(chosen, needs_hessian(bank.criterion)) as collector:
                 outputs = []
                 for i, item in enumerate(inputs):
-                    hidden = _guarded(block_name, i, run_block, block, item)
+                    hidden = guarded_call(block_name, i, run_block, block, item)
                     collector.forget_last()
                     if index < last:
                         outputs.append(with_stream(item, hidden))

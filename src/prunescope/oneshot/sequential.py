@@ -78,7 +78,19 @@ class OneShotReport:
                     self.criterion, method="oneshot", options=dict(self.options), details=details)
 
 
-def _in_stack(name: str, stack: BlockStack) -> str | None:
+def calibration_batches(criterion: str, batches: Iterable[Any] | None) -> list[Any]:
+    """``batches`` as a non-empty list when ``criterion`` calibrates on data (else []), or a one-line refusal."""
+    if not is_calibrated(criterion):
+        return []
+    if batches is None or isinstance(batches, (torch.Tensor, Mapping)):
+        raise PrunescopeError(f"criterion {criterion!r} calibrates on data: give batches as a list of batches")
+    calibration = list(batches)
+    if not calibration:
+        raise PrunescopeError("calibration batches are empty: give at least one batch")
+    return calibration
+
+
+def block_containing(name: str, stack: BlockStack) -> str | None:
     """The block containing module ``name``, or None."""
     for block_name, _ in stack.blocks:
         if block_name == "" or name.startswith(f"{block_name}."):
@@ -88,7 +100,7 @@ def _in_stack(name: str, stack: BlockStack) -> str | None:
 
 def candidate_layers(model: nn.Module, stack: BlockStack) -> dict[str, nn.Module]:
     """Linear and Conv1D layers inside the blocks (for the whole model as one block: all of them)."""
-    return {name: m for name, m in model.named_modules() if name and is_linear_like(m) and _in_stack(name, stack) is not None}
+    return {name: m for name, m in model.named_modules() if name and is_linear_like(m) and block_containing(name, stack) is not None}
 
 
 def select_layers(
@@ -184,13 +196,7 @@ def prune_oneshot(
         raise PrunescopeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     stack = find_block_stack(model, blocks)
     levels = select_layers(model, stack, level, include, exclude)
-    calibration: list[Any] = []
-    if is_calibrated(criterion):
-        if batches is None or isinstance(batches, (torch.Tensor, Mapping)):
-            raise PrunescopeError(f"criterion {criterion!r} calibrates on data: give batches as a list of batches")
-        calibration = list(batches)
-        if not calibration:
-            raise PrunescopeError("calibration batches are empty: give at least one batch")
+    calibration = calibration_batches(criterion, batches)
     result = model if inplace else copy.deepcopy(model)
     modules = dict(result.named_modules())
     masked = [n for n in levels if parametrize.is_parametrized(modules[n], "weight")]
@@ -220,7 +226,7 @@ def prune_oneshot(
 
 
 def _calibrated(model, stack, calibration, levels, modules, criterion, block_size, damp, mask, report, progress) -> None:
-    per_block = {block: [n for n in levels if _in_stack(n, stack) == block] for block, _ in stack.blocks}
+    per_block = {block: [n for n in levels if block_containing(n, stack) == block] for block, _ in stack.blocks}
     last = max(i for i, (block, _) in enumerate(stack.blocks) if per_block[block])
     inputs = capture_inputs(model, stack, calibration)
     with progress_bar(last + 1, "one-shot", progress) as bar:
@@ -229,19 +235,19 @@ def _calibrated(model, stack, calibration, levels, modules, criterion, block_siz
             if names:
                 with StatsCollector({n: modules[n] for n in names}, needs_hessian(criterion)) as collector:
                     for i, item in enumerate(inputs):
-                        _guarded(block_name, i, block, *item.args, **item.kwargs)
+                        guarded_call(block_name, i, block, *item.args, **item.kwargs)
                         collector.forget_last()
                 for name in names:
                     report.layers.append(_prune_layer(modules[name], name, levels[name], criterion, collector.stats[name],
                                                       block_size, damp, mask))
                 del collector
             if index < last:
-                inputs = [with_stream(item, _guarded(block_name, i, run_block, block, item))
+                inputs = [with_stream(item, guarded_call(block_name, i, run_block, block, item))
                           for i, item in enumerate(inputs)]
             bar.advance(1, block_name or "model")
 
 
-def _guarded(block_name: str, index: int, call, *args, **kwargs):
+def guarded_call(block_name: str, index: int, call, *args, **kwargs):
     """``call(*args, **kwargs)``, a failure reported with the block and batch it happened on."""
     try:
         return call(*args, **kwargs)

@@ -13,20 +13,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import nn
 
+from ..incremental import copy_output
 from ..oneshot.blocks import find_block_stack
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, tuple):
-        return tuple(_copy(v) for v in value)
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
 
 
 class ParentReplay:
@@ -94,14 +84,14 @@ class ParentReplay:
 
     def _replayer(self, index: int):
         def forward(*_args: Any, **_kwargs: Any) -> Any:
-            return _copy(self.records[self._window][index])
+            return copy_output(self.records[self._window][index])
 
         return forward
 
     def _recorder(self, index: int, kept: Mapping[int, list[Any]]):
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             slots = kept.setdefault(self._window, [None] * len(self.blocks))
-            slots[index] = _copy(output)
+            slots[index] = copy_output(output)
 
         return hook
 
