@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--blocks", default=None, help="FIRST:LAST: only the Linear layers of these blocks (a second process "
+                        "on a second store shares the work; append its cell lines to the first store to merge)")
     args = parser.parse_args()
     import torch
 
@@ -38,6 +40,9 @@ def main() -> None:
     model = loaded.model
     evaluator = ps.Evaluator(model, windows(loaded, PROFILE), "kl")
     targets = ps.find_targets(model)
+    if args.blocks:
+        first, last = (int(v) for v in args.blocks.split(":"))
+        targets = [t for t in targets if first <= int(t.name.split(".")[2]) <= last]
     started = time.perf_counter()
     profile = ps.scan(model, evaluator, targets, levels=LEVELS, criterion=args.criterion, calibration=windows(loaded, CALIBRATION),
                       store=args.store, progress=True)
