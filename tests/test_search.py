@@ -235,3 +235,36 @@ def test_replaying_the_parents_unchanged_blocks_gives_the_same_fitness_bit_for_b
     fresh = _Measure(_Working(model, bank), space, evaluator)
     assert replaying(children, range(3)) == fresh(children, range(3))
     assert replaying.blocks_skipped > 0 and fresh.blocks_skipped == 0
+
+
+def test_two_local_workers_give_the_plan_one_process_gives(setting):
+    model, calibration, fitness, profile = setting
+    before = snapshot(model)
+    alone = ps.search(profile, 0.5, model, fitness=fitness, calibration=calibration, evaluations=40, start="uniform")
+    shared = ps.search(profile, 0.5, model, fitness=fitness, calibration=calibration, evaluations=40, start="uniform", workers=2)
+    assert_unchanged(model, before)
+    assert shared.levels == alone.levels
+    assert shared.details["history"][-1]["fitness"] == alone.details["history"][-1]["fitness"]
+
+
+def test_bad_execution_settings_are_refused_before_any_work(setting):
+    model, calibration, fitness, profile = setting
+    with pytest.raises(ps.PrunescopeError, match="workers must be a positive integer"):
+        ps.search(profile, 0.5, model, fitness=fitness, calibration=calibration, evaluations=5, workers=0)
+    with pytest.raises(ps.PrunescopeError, match="unknown executor 'dask'"):
+        ps.search(profile, 0.5, model, fitness=fitness, calibration=calibration, evaluations=5, executor="dask")
+    with pytest.raises(ps.PrunescopeError, match="give workers >= 2"):
+        ps.search(profile, 0.5, model, fitness=fitness, calibration=calibration, evaluations=5, executor="ray")
+
+
+def test_ray_actors_give_the_plan_one_process_gives(setting):
+    ray = pytest.importorskip("ray")
+    model, calibration, fitness, profile = setting
+    alone = ps.search(profile, 0.5, model, fitness=fitness, calibration=calibration, evaluations=30, start="uniform")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        shared = ps.search(profile, 0.5, model, fitness=fitness, calibration=calibration, evaluations=30, start="uniform",
+                           workers=2, executor="ray")
+    finally:
+        ray.shutdown()
+    assert shared.levels == alone.levels

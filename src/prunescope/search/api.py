@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 from collections.abc import Iterable, Sequence
+from copy import deepcopy as _copy_module
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 from ..curves import interp_drop, monotone_curve, predicted_drop
 from ..errors import PrunescopeError
 from ..evaluator import Evaluator
+from ..execution import check_execution
 from ..fingerprint import model_fingerprint
 from ..identity import ScanIdentity
 from ..jsonfile import strict_json
@@ -48,6 +49,8 @@ def search(
     seed: int = 0,
     bank: VariantBank | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    workers: int | None = None,
+    executor: str = "local",
     progress: bool = False,
 ) -> Plan:
     """Search per-layer levels meeting ``budget`` exactly by the KL of whole pruned models to the dense one.
@@ -70,6 +73,9 @@ def search(
         state: a JSON file saved after every generation; a re-run with it resumes.
         bank: a variant bank built before (its levels must include the grid), to share between searches.
         max_bytes: refuse a variant bank larger than this many bytes.
+        workers, executor: measure each generation's candidates on ``workers`` processes (``"local"``:
+            this one and ``workers - 1`` fresh ones, the torch threads split between them) or on this
+            process and ``workers - 1`` Ray actors (``"ray"``); each holds a copy of the model and the bank.
 
     Returns a Plan (method ``"search"``) whose ``details`` hold the fitness of the start and the end,
     the evaluations and seconds spent, the history per generation and the bank's size and build time.
@@ -77,6 +83,9 @@ def search(
     budget = budget if isinstance(budget, Budget) else Budget(budget)
     criterion, space = check_search(profile, budget, levels=levels, start=start, offspring=offspring, survivors=survivors,
                                     screen=screen, evaluations=evaluations, seconds=seconds)
+    check_execution(workers, executor)
+    if executor == "ray" and (workers or 1) < 2:
+        raise PrunescopeError("executor 'ray' measures candidates on workers - 1 Ray actors beside this process: give workers >= 2")
     targets = profile.targets
     for target in targets:
         try:
@@ -116,7 +125,17 @@ def search(
         measure.adopt(tuple(current.parent))
         start_fitness = current.history[0]["fitness"]
         selection = Selection(offspring, survivors, screen, len(fitness_batches))
-        current = evolve(space, current, measure, selection, evaluations=evaluations, seconds=seconds, path=path, progress=progress)
+        pool = None
+        if (workers or 1) > 1:
+            from .pool import CandidatePool
+
+            pool = CandidatePool(measure, model, bank, space, fitness_batches, workers, executor)
+        try:
+            current = evolve(space, current, pool or measure, selection, evaluations=evaluations, seconds=seconds, path=path,
+                             progress=progress)
+        finally:
+            if pool is not None:
+                pool.close()
     plan_levels = space.level_of(current.parent)
     return Plan(
         levels=plan_levels, params={t.name: t.params for t in targets}, criterion=criterion, granularity="weight",
@@ -159,8 +178,8 @@ def _fraction(level) -> bool:
 class _Working:
     """A copy of the dense model whose searched layers hold bank variants; only changed layers are written."""
 
-    def __init__(self, model: torch.nn.Module, bank: VariantBank) -> None:
-        self.model = copy.deepcopy(model)
+    def __init__(self, model: torch.nn.Module, bank: VariantBank, *, copy: bool = True) -> None:
+        self.model = _copy_module(model) if copy else model
         self.bank = bank
         self.dense = {n: model.get_submodule(n).weight for n in bank.names}
         self.current: dict[str, float] = {n: 0.0 for n in bank.names}
