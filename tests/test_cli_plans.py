@@ -58,7 +58,7 @@ def _words(output: str) -> str:
         (("plan", "--sparsity", 0.5, "--method", "lamp"), "--method lamp needs --model"),
         (("plan", "--sparsity", 0.5, "--method", "owl", "--model", EXPLODING, "--owl-lambda", 0.9), "owl_lambda must be a number in [0, 0.5]"),
         (("plan", "--sparsity", 0.5, "--owl-m", 3), "--owl-m and --owl-lambda go with --method owl"),
-        (("plan", "--sparsity", 0.5, "--method", "owl", "--model", EXPLODING, "--grid-step", 0.1), "--grid-step goes with --method knapsack"),
+        (("plan", "--sparsity", 0.5, "--method", "owl", "--model", EXPLODING, "--grid-step", 0.1), "grid_step is a setting of method 'knapsack'"),
         (("plan", "--sparsity", 0.5, "--check", "--model", EXPLODING, "--data", "text:/no/such.txt"), "text file '/no/such.txt' does not exist"),
         (("plan", "--sparsity", 0.5, "--check", "--model", EXPLODING, "--calibration-samples", 0), "--calibration-samples must be a whole number >= 1"),
         (("plan", "--sparsity", 0.5, "--check", "--model", EXPLODING, "--metric", "banana"), "unknown metric 'banana'"),

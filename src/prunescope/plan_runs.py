@@ -27,8 +27,6 @@ def _silent(line: str) -> None:
     """A :data:`Tell` that says nothing."""
 
 
-PLAN_METHODS = ("uniform", "global_magnitude", "threshold", "knapsack", "owl", "erk", "lamp")
-"""What ``plan --method`` accepts (a method this prunescope's allocate lacks is refused by it)."""
 MODEL_METHODS = ("global_magnitude", "lamp", "owl")
 """Methods that read the model's weights (``erk`` checks the model's shapes when one is given)."""
 
@@ -52,23 +50,18 @@ def check_method_options(method: str, *, model_spec: str | None, check: bool, ow
                          owl_lambda: float | None, grid_step: float | None) -> None:
     """``plan``'s --method with the options that go with it, refused before anything is read."""
     from .allocate import METHODS
+    from .allocate_knapsack import check_grid_step
     from .baselines import owl_options
 
-    if method not in PLAN_METHODS:
-        raise PrunescopeError(f"unknown --method {method!r}; accepted: {', '.join(PLAN_METHODS)}")
     if method not in METHODS:
-        raise PrunescopeError(f"--method {method!r} is not in this prunescope's allocate; accepted: {', '.join(METHODS)}")
+        raise PrunescopeError(f"unknown --method {method!r}; accepted: {', '.join(METHODS)}")
     if (method in MODEL_METHODS or check) and model_spec is None:
         raise PrunescopeError(f"{'--check' if check else f'--method {method}'} needs --model (it reads the model's weights)")
     if method == "owl":
         owl_options(owl_m, owl_lambda)
     elif owl_m is not None or owl_lambda is not None:
         raise PrunescopeError(f"--owl-m and --owl-lambda go with --method owl; the method is {method!r}")
-    if grid_step is not None:
-        if method != "knapsack":
-            raise PrunescopeError(f"--grid-step goes with --method knapsack; the method is {method!r}")
-        if not 0 < grid_step < 1:
-            raise PrunescopeError(f"--grid-step must be a fraction in (0, 1) (the level grid's step); got {grid_step}")
+    check_grid_step(grid_step, method)
 
 
 def _check_allocation(profile: Profile, budget: Budget, method: str) -> None:
