@@ -44,7 +44,7 @@ def check_grid_step(grid_step: float | None, method: str) -> float | None:
     """The knapsack's grid step (``DEFAULT_GRID_STEP`` when None), refused outside (0, 0.5] and for other methods."""
     if method != "knapsack":
         if grid_step is not None:
-            raise PrunescopeError(f"grid_step is a setting of method 'knapsack'; method {method!r} takes none (it interpolates scanned levels)")
+            raise PrunescopeError(f"grid_step is a setting of method 'knapsack'; method {method!r} takes none")
         return None
     if grid_step is None:
         return DEFAULT_GRID_STEP
