@@ -218,13 +218,13 @@ def test_layers_with_no_budget_preserving_move_are_refused_by_name(digits_model,
 
 
 def test_replaying_the_parents_unchanged_blocks_gives_the_same_fitness_bit_for_bit(setting):
-    from prunescope.search.api import _Measure, _Working
+    from prunescope.search.measure import Measure, Working
 
     model, calibration, fitness, profile = setting
     space = LevelSpace(tuple(t.name for t in profile.targets), tuple(t.params for t in profile.targets), LEVELS)
     bank = build_variant_bank(model, calibration, space.names, LEVELS, criterion="sparsegpt")
     evaluator = ps.Evaluator(model, fitness, "kl")
-    replaying = _Measure(_Working(model, bank), space, evaluator)
+    replaying = Measure(Working(model, bank), space, evaluator)
     parent = space.uniform(0.5)
     replaying([parent], range(3), record=True)
     replaying.adopt(parent)
@@ -232,7 +232,7 @@ def test_replaying_the_parents_unchanged_blocks_gives_the_same_fitness_bit_for_b
     children = [space.mutate(parent, rng) for _ in range(40)]
     children = [c for c in children if replaying.replay.first_block(space.names, c) > 0][:3] + children[:2]
     assert len(children) == 5
-    fresh = _Measure(_Working(model, bank), space, evaluator)
+    fresh = Measure(Working(model, bank), space, evaluator)
     assert replaying(children, range(3)) == fresh(children, range(3))
     assert replaying.blocks_skipped > 0 and fresh.blocks_skipped == 0
 
@@ -270,3 +270,19 @@ def test_ray_actors_give_the_plan_one_process_gives(setting):
     finally:
         ray.shutdown()
     assert shared.levels == alone.levels
+
+
+def test_a_worker_copy_restores_dense_layers_exactly(setting):
+    import copy
+
+    from prunescope.search.measure import Working
+
+    model, calibration, _, profile = setting
+    names = [t.name for t in profile.targets]
+    bank = build_variant_bank(model, calibration, names, [0.5], criterion="sparsegpt")
+    own = copy.deepcopy(model)
+    working = Working(own, bank, copy=False)
+    working.set({n: 0.5 for n in names})
+    working.set({n: 0.0 for n in names})
+    for name in names:
+        assert torch.equal(own.get_submodule(name).weight, model.get_submodule(name).weight)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable, Sequence
-from copy import deepcopy as _copy_module
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from ..oneshot.dense_stats import batches_fingerprint
 from ..plan import Budget, Plan
 from ..profile import Profile
 from .evolution import Selection, evolve
-from .replay import ParentReplay
+from .measure import Measure, Working
 from .space import LevelSpace
 from .state import SearchState
 
@@ -111,8 +110,8 @@ def search(
     else:
         bank = build_variant_bank(model, calibration, space.names, grid, criterion=criterion, progress=progress,
                                   max_bytes=max_bytes, **ScanIdentity.of_profile(profile).options)
-    working = _Working(model, bank)
-    measure = _Measure(working, space, evaluator)
+    working = Working(model, bank)
+    measure = Measure(working, space, evaluator)
     with torch.no_grad():
         if current is None:
             current = SearchState(identity, list(first), measure([first], range(len(fitness_batches)), record=True)[0], evaluations=1)
@@ -173,49 +172,6 @@ def check_search(profile: Profile, budget: Budget | float, *, levels: Sequence[f
 
 def _fraction(level) -> bool:
     return not isinstance(level, str) or ":" not in level
-
-
-class _Working:
-    """A copy of the dense model whose searched layers hold bank variants; only changed layers are written."""
-
-    def __init__(self, model: torch.nn.Module, bank: VariantBank, *, copy: bool = True) -> None:
-        self.model = _copy_module(model) if copy else model
-        self.bank = bank
-        self.dense = {n: model.get_submodule(n).weight for n in bank.names}
-        self.current: dict[str, float] = {n: 0.0 for n in bank.names}
-
-    @torch.no_grad()
-    def set(self, levels: dict[str, float]) -> None:
-        for name, level in levels.items():
-            if self.current.get(name) != level:
-                source = self.bank.weight(name, level) if level else self.dense[name]
-                self.model.get_submodule(name).weight.copy_(source)
-                self.current[name] = level
-
-
-class _Measure:
-    """The fitness of states on fitness batches, each run from the first block where it differs from the parent."""
-
-    def __init__(self, working: _Working, space: LevelSpace, evaluator: Evaluator) -> None:
-        self.working, self.space, self.evaluator = working, space, evaluator
-        self.replay = ParentReplay(working.model, space.names)
-        self.blocks_run = self.blocks_skipped = 0
-
-    def __call__(self, states, indices, record: bool = False) -> list[float]:
-        values = []
-        indices = list(indices)
-        for state in states:
-            self.working.set(self.space.level_of(state))
-            skip = self.replay.first_block(self.space.names, state) if self.replay.covers(indices) else 0
-            skip = min(skip, len(self.replay.blocks))
-            self.blocks_skipped += skip * len(indices)
-            self.blocks_run += (len(self.replay.blocks) - skip) * len(indices)
-            with self.replay.running(state, skip, record):
-                values.append(self.evaluator.evaluate(self.working.model, batch_indices=indices, on_batch=self.replay.window).value)
-        return values
-
-    def adopt(self, state: tuple[int, ...]) -> None:
-        self.replay.adopt(state)
 
 
 def _check_bank(bank: VariantBank, criterion: str, space: LevelSpace) -> None:

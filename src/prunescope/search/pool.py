@@ -19,6 +19,7 @@ from ..errors import PrunescopeError, describe
 from ..evaluator import Evaluator
 from ..execution import check_execution, threads_per_worker
 from ..oneshot.bank import VariantBank
+from .measure import Measure, Working
 from .space import LevelSpace
 
 
@@ -26,12 +27,10 @@ class WorkerMeasure:
     """What one worker runs: candidates assembled from the bank on its own model copy, KL on the batches."""
 
     def __init__(self, model: torch.nn.Module, bank: VariantBank, space: LevelSpace, batches: list, threads: int) -> None:
-        from .api import _Measure, _Working
-
         torch.set_num_threads(threads)
         evaluator = Evaluator(model, batches, "kl")
         _ = evaluator.dense  # the reference outputs, from the dense weights, before any variant is swapped in
-        self.measure = _Measure(_Working(model, bank, copy=False), space, evaluator)
+        self.measure = Measure(Working(model, bank, copy=False), space, evaluator)
 
     def __call__(self, states: Sequence[tuple[int, ...]], indices: Sequence[int]) -> list[float]:
         with torch.no_grad():
