@@ -10,6 +10,7 @@ measured KL on the profile windows against the additive prediction, and held-out
     python bench/plan_quality.py check --criterion sparsegpt --sparsity 0.7 --method uniform
     python bench/plan_quality.py search --criterion sparsegpt --sparsity 0.7 --start profile --evaluations 600
     python bench/plan_quality.py bank --criterion sparsegpt     # bank build time against one uniform run
+    python bench/plan_quality.py compare --criterion sparsegpt --sparsity 0.7   # warm vs cold, from the two plans
 
 One JSON line per run, printed and appended to ``--out``; a (criterion, sparsity, method) already
 there is skipped, so a driver script can be re-run after a kill.
@@ -140,9 +141,32 @@ def bank(args) -> None:
                     "threads": args.threads})
 
 
+def compare(args) -> None:
+    """Warm against cold start, from the two searched plans' histories: for each fitness the warm search
+    reached after N evaluations, the evaluations the cold search needed to reach it (None: never)."""
+    import prunescope as ps
+
+    warm = ps.Plan.load(PLANS / f"{args.criterion}-{args.sparsity}-search-warm.json").details["history"]
+    cold = ps.Plan.load(PLANS / f"{args.criterion}-{args.sparsity}-search-cold.json").details["history"]
+
+    def cold_needs(fitness: float) -> int | None:
+        return next((row["evaluations"] for row in cold if row["fitness"] <= fitness), None)
+
+    points = []
+    for row in warm:
+        if points and points[-1]["warm_fitness"] == row["fitness"]:
+            continue
+        needed = cold_needs(row["fitness"])
+        points.append({"warm_evaluations": row["evaluations"], "warm_fitness": row["fitness"], "cold_evaluations": needed,
+                       "ratio": None if needed is None else round(needed / row["evaluations"], 2)})
+    emit(args.out, {"stage": "warm_vs_cold", "criterion": args.criterion, "sparsity": args.sparsity,
+                    "cold_end": {"evaluations": cold[-1]["evaluations"], "fitness": cold[-1]["fitness"]},
+                    "warm_end": {"evaluations": warm[-1]["evaluations"], "fitness": warm[-1]["fitness"]}, "points": points})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("check", "search", "bank"))
+    parser.add_argument("command", choices=("check", "search", "bank", "compare"))
     parser.add_argument("--criterion", default="sparsegpt", choices=("sparsegpt", "wanda"))
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--method", default="threshold", choices=("uniform", "owl", "threshold", "knapsack", "erk", "lamp"))
@@ -156,7 +180,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "plan_quality.jsonl")
     args = parser.parse_args()
     log("command: " + shlex.join([sys.executable, *sys.argv]))
-    bank(args) if args.command == "bank" else check(args)
+    {"bank": bank, "compare": compare}.get(args.command, check)(args)
 
 
 if __name__ == "__main__":
