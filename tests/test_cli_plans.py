@@ -124,6 +124,9 @@ def test_plan_check_prints_the_measured_drop_and_writes_it_into_the_plan(llm, tm
     checked = ps.Plan.load(uniform)
     assert checked.method == "uniform" and checked.details["check"]["dense"] == pytest.approx(check["dense"])
     assert "check: perplexity" in result.output
+    report = invoke("report", "--profile", llm["profile"], "--plan", out, "--out", tmp_path / "report")
+    assert report.exit_code == 0, report.output
+    assert f"plan check: perplexity {check['dense']:.4g} -> {check['pruned']:.4g}" in _words(report.output)
 
 
 def test_prune_applies_a_sparsegpt_plan_calibrated_on_the_texts_first_half(llm, tmp_path):

@@ -280,6 +280,7 @@ def report(
 ) -> None:
     """Plot sensitivity curves and a heatmap from a profile, and print its table."""
     from .plan import Plan
+    from .plan_check import PlanCheck
     from .profile import Profile
     from .report import plan_table, profile_table, write_report
 
@@ -289,12 +290,15 @@ def report(
         loaded_plan = Plan.load(plan) if plan else None
         if loaded_plan is not None:
             loaded_plan.check_profile(loaded_profile)
+        recorded = PlanCheck.from_details(loaded_plan) if loaded_plan else None
         written = write_report(loaded_profile, out, loaded_plan)
     except PrunescopeError as error:
         _fail(error)
     console.print(profile_table(loaded_profile))
     if loaded_plan:
         console.print(plan_table(loaded_plan))
+        _echo("plan check: " + (recorded.line() + f" ({loaded_plan.details['check'].get('data', '')})" if recorded
+                                else "none recorded (prunescope plan --plan FILE --model M --check measures it)"))
     _echo("wrote " + ", ".join(str(p) for p in written))
 
 

@@ -46,6 +46,17 @@ class PlanCheck:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_details(cls, plan: Plan) -> PlanCheck | None:
+        """The check recorded in ``plan.details["check"]`` (by ``prunescope plan --check``), or None."""
+        recorded = plan.details.get("check")
+        if not isinstance(recorded, dict):
+            return None
+        try:
+            return cls(**{name: recorded[name] for name in cls.__dataclass_fields__})
+        except (KeyError, TypeError):
+            raise PrunescopeError("the plan's details.check is damaged; run `prunescope plan --plan FILE --check` again") from None
+
     def line(self) -> str:
         """One line a person reads: dense -> pruned, measured drop [interval], predicted, ratio."""
         interval = "" if self.ci_low is None else f" [{self.ci_low:.4g}, {self.ci_high:.4g}]"
