@@ -164,9 +164,26 @@ def compare(args) -> None:
                     "warm_end": {"evaluations": warm[-1]["evaluations"], "fitness": warm[-1]["fitness"]}, "points": points})
 
 
+def allocations(args) -> None:
+    """The profile's additive prediction of uniform, threshold and knapsack at each sparsity, and allocation time (no model)."""
+    import prunescope as ps
+
+    profile = ps.Profile.load(args.profile or RUNS / f"profile_{args.criterion}.json")
+    for sparsity in (0.5, 0.6, 0.7, 0.8):
+        row = {"stage": "allocations", "criterion": args.criterion, "sparsity": sparsity, "targets": len(profile.targets)}
+        for method in ("uniform", "threshold", "knapsack"):
+            started = time.perf_counter()
+            plan = ps.allocate(profile, sparsity, method=method)
+            row[f"{method}_predicted"] = round(plan.predicted_drop, 5)
+            row[f"{method}_s"] = round(time.perf_counter() - started, 3)
+        row["knapsack_gap"] = plan.details["optimality_gap"]
+        row["knapsack_solution"] = plan.details["solution"]
+        emit(args.out, row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("check", "search", "bank", "compare"))
+    parser.add_argument("command", choices=("check", "search", "bank", "compare", "allocations"))
     parser.add_argument("--criterion", default="sparsegpt", choices=("sparsegpt", "wanda"))
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--method", default="threshold", choices=("uniform", "owl", "threshold", "knapsack", "erk", "lamp"))
@@ -180,7 +197,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "plan_quality.jsonl")
     args = parser.parse_args()
     log("command: " + shlex.join([sys.executable, *sys.argv]))
-    {"bank": bank, "compare": compare}.get(args.command, check)(args)
+    {"bank": bank, "compare": compare, "allocations": allocations}.get(args.command, check)(args)
 
 
 if __name__ == "__main__":
