@@ -286,3 +286,22 @@ def test_a_worker_copy_restores_dense_layers_exactly(setting):
     working.set({n: 0.0 for n in names})
     for name in names:
         assert torch.equal(own.get_submodule(name).weight, model.get_submodule(name).weight)
+
+
+def test_a_finished_search_returns_its_plan_without_building_the_bank(setting, tmp_path, monkeypatch):
+    import importlib
+
+    search_api = importlib.import_module("prunescope.search.api")  # prunescope.search is the function
+
+    model, calibration, fitness, profile = setting
+    path = tmp_path / "s.json"
+    first = ps.search(profile, 0.5, model, fitness=fitness, calibration=calibration, evaluations=30, state=path)
+
+    def no_bank(*args, **kwargs):
+        raise AssertionError("a finished search built its bank again")
+
+    monkeypatch.setattr(search_api, "build_variant_bank", no_bank)
+    again = ps.search(profile, 0.5, model, fitness=fitness, calibration=calibration, evaluations=30, state=path)
+    assert again.levels == first.levels and again.details["history"] == first.details["history"]
+    fewer = ps.search(profile, 0.5, model, fitness=fitness, calibration=calibration, evaluations=5, state=path)
+    assert fewer.levels == first.levels  # a lower limit than spent: the plan so far

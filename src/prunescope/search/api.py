@@ -105,6 +105,9 @@ def search(
     else:
         first = tuple(current.parent)
     space.mutate(first, random.Random(seed))  # refuses, before any work, layers with no budget-preserving move
+    selection = Selection(offspring, survivors, screen, len(fitness_batches))
+    if current is not None and not _more(current, selection, evaluations, seconds):  # finished: no bank needed
+        return _plan(profile, budget, criterion, space, current, selection, start, None, None)
     if bank is not None:
         _check_bank(bank, criterion, space)
     else:
@@ -122,8 +125,6 @@ def search(
         else:  # resumed: record the parent's block outputs again (the same numbers; not counted as an evaluation)
             measure([tuple(current.parent)], range(len(fitness_batches)), record=True)
         measure.adopt(tuple(current.parent))
-        start_fitness = current.history[0]["fitness"]
-        selection = Selection(offspring, survivors, screen, len(fitness_batches))
         pool = None
         if (workers or 1) > 1:
             from .pool import CandidatePool
@@ -135,17 +136,25 @@ def search(
         finally:
             if pool is not None:
                 pool.close()
+    return _plan(profile, budget, criterion, space, current, selection, start, measure, bank)
+
+
+def _plan(profile: Profile, budget: Budget, criterion: str, space: LevelSpace, current: SearchState, selection: Selection,
+          start: str, measure: Measure | None, bank: VariantBank | None) -> Plan:
+    """The searched plan with what the search spent (``measure``/``bank`` None: a finished search read back)."""
     plan_levels = space.level_of(current.parent)
+    skipped = None if measure is None else measure.blocks_skipped / max(1, measure.blocks_skipped + measure.blocks_run)
     return Plan(
-        levels=plan_levels, params={t.name: t.params for t in targets}, criterion=criterion, granularity="weight",
+        levels=plan_levels, params={t.name: t.params for t in profile.targets}, criterion=criterion, granularity="weight",
         method="search", budget=budget, predicted_drop=predicted_drop(profile, plan_levels), metric=profile.metric,
-        details={"fitness": "KL(dense || pruned), nats per token, on the fitness batches", "fitness_start": start_fitness,
-                 "fitness_end": current.fitness, "start": start, "generations": current.generation,
-                 "evaluations": current.evaluations, "seconds": round(current.seconds, 1), "grid": list(grid),
-                 "selection": {"offspring": offspring, "survivors": survivors, "screen": screen,
-                               "fitness_batches": len(fitness_batches)},
-                 "blocks_skipped": measure.blocks_skipped / max(1, measure.blocks_skipped + measure.blocks_run),
-                 "bank_bytes": bank.nbytes, "bank_seconds": round(bank.seconds, 1), "history": current.history,
+        details={"fitness": "KL(dense || pruned), nats per token, on the fitness batches",
+                 "fitness_start": current.history[0]["fitness"], "fitness_end": current.fitness, "start": start,
+                 "generations": current.generation, "evaluations": current.evaluations, "seconds": round(current.seconds, 1),
+                 "grid": list(space.levels),
+                 "selection": {"offspring": selection.offspring, "survivors": selection.survivors, "screen": selection.screen,
+                               "fitness_batches": selection.batches},
+                 "blocks_skipped": skipped, "bank_bytes": None if bank is None else bank.nbytes,
+                 "bank_seconds": None if bank is None else round(bank.seconds, 1), "history": current.history,
                  "predicted_drop_is": "sum of per-target drops of the profile (additive assumption)"},
         **ScanIdentity.of_profile(profile).removal(),
     )
@@ -172,6 +181,13 @@ def check_search(profile: Profile, budget: Budget | float, *, levels: Sequence[f
 
 def _fraction(level) -> bool:
     return not isinstance(level, str) or ":" not in level
+
+
+def _more(state: SearchState, selection: Selection, evaluations: int | None, seconds: float | None) -> bool:
+    """Whether a search at ``state`` would run another generation under these limits."""
+    if evaluations is not None and state.evaluations + selection.per_generation > evaluations:
+        return False
+    return seconds is None or state.seconds < seconds
 
 
 def _check_bank(bank: VariantBank, criterion: str, space: LevelSpace) -> None:
