@@ -257,8 +257,6 @@ def test_bad_execution_settings_are_refused_before_any_work(setting):
         ps.search(profile, 0.5, model, fitness=fitness, calibration=calibration, evaluations=5, executor="ray")
 
 
-@pytest.mark.skipif(os.environ.get("PRUNESCOPE_SLOW") != "1",
-                    reason="a Ray actor imports torch afresh (~50-150 s on these machines); set PRUNESCOPE_SLOW=1")
 def test_ray_actors_give_the_plan_one_process_gives(setting):
     ray = pytest.importorskip("ray")
     model, calibration, fitness, profile = setting
