@@ -169,3 +169,8 @@ def test_search_meets_the_budget_and_resumes_from_its_state(llm, tmp_path):
     assert second.details["history"][:2] == first.details["history"]  # continued, not started over
     assert second.sparsity == pytest.approx(0.5, abs=1e-9) and second.details["fitness_end"] <= first.details["fitness_end"]
     assert json.loads(state.read_text())["generation"] == 4
+
+    result = invoke("search", *common, "--evaluations", 25)  # finished: the plan is read back, no bank is built
+    assert result.exit_code == 0, result.output
+    assert "no variant bank built" in _words(result.output)
+    assert ps.Plan.load(out).levels == second.levels

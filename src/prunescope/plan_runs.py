@@ -191,4 +191,5 @@ def search_summary(run: SearchRun) -> str:
     d = run.plan.details
     return (f"search from the {d['start']} start: fitness (KL to dense, nats/token) {d['fitness_start']:.4g} -> {d['fitness_end']:.4g} "
             f"in {d['generations']} generations, {d['evaluations']} evaluations, {d['seconds']:.1f}s; "
-            f"variant bank {d['bank_bytes'] / 2**20:.1f} MiB built in {d['bank_seconds']:.1f}s")
+            + (f"variant bank {d['bank_bytes'] / 2**20:.1f} MiB built in {d['bank_seconds']:.1f}s" if d["bank_bytes"] is not None
+               else "finished before: read back from the state file, no variant bank built"))
