@@ -14,8 +14,7 @@ Memory: the bank holds ``len(levels)`` copies of every chosen weight in the mode
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,23 +174,3 @@ def _store(bank: VariantBank, name: str, module: nn.Module, levels: list, stats)
     bank.variants[name] = {level_key(lv): rows_to_layout(module, r.weight) for lv, r in zip(levels, results, strict=True)}
     bank.errors[name] = {level_key(lv): r.error for lv, r in zip(levels, results, strict=True)}
 
-
-@contextmanager
-def swapped(model: nn.Module, bank: VariantBank, levels: Mapping[str, Level]):
-    """Inside the block, each named layer of ``model`` holds its bank variant at ``levels[name]``
-    (level 0: the dense weight); afterwards every weight is restored bit for bit."""
-    saved = {}
-    try:
-        with torch.no_grad():
-            for name, level in levels.items():
-                if not level:
-                    continue
-                weight = model.get_submodule(name).weight
-                variant = bank.weight(name, level)
-                saved[name] = weight.detach().clone()
-                weight.copy_(variant)
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, dense in saved.items():
-                model.get_submodule(name).weight.copy_(dense)

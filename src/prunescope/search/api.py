@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import whole_number, whole_numbers
 from ..curves import interp_drop, monotone_curve, predicted_drop
 from ..errors import PrunescopeError
 from ..evaluator import Evaluator
@@ -22,7 +23,7 @@ from ..oneshot.bank import DEFAULT_MAX_BYTES, VariantBank, build_variant_bank
 from ..oneshot.dense_stats import batches_fingerprint
 from ..plan import Budget, Plan
 from ..profile import Profile
-from .evolution import Selection, evolve
+from .evolution import Selection, another_generation, evolve
 from .measure import Measure, Working
 from .space import LevelSpace
 from .state import SearchState
@@ -106,7 +107,7 @@ def search(
         first = tuple(current.parent)
     space.mutate(first, random.Random(seed))  # refuses, before any work, layers with no budget-preserving move
     selection = Selection(offspring, survivors, screen, len(fitness_batches))
-    if current is not None and not _more(current, selection, evaluations, seconds):  # finished: no bank needed
+    if current is not None and not another_generation(current, selection, evaluations, seconds, current.seconds):  # finished: no bank needed
         return _plan(profile, budget, criterion, space, current, selection, start, None, None)
     if bank is not None:
         _check_bank(bank, criterion, space)
@@ -183,13 +184,6 @@ def _fraction(level) -> bool:
     return not isinstance(level, str) or ":" not in level
 
 
-def _more(state: SearchState, selection: Selection, evaluations: int | None, seconds: float | None) -> bool:
-    """Whether a search at ``state`` would run another generation under these limits."""
-    if evaluations is not None and state.evaluations + selection.per_generation > evaluations:
-        return False
-    return seconds is None or state.seconds < seconds
-
-
 def _check_bank(bank: VariantBank, criterion: str, space: LevelSpace) -> None:
     if not isinstance(bank, VariantBank) or bank.criterion != criterion:
         raise PrunescopeError(f"bank must be a VariantBank of criterion {criterion!r} (build_variant_bank); got "
@@ -219,13 +213,10 @@ def _check(profile, budget, start, offspring, survivors, screen, evaluations, se
         raise PrunescopeError(f"search meets a sparsity budget (fraction of the profile's weights); got a {budget.kind} budget")
     if start not in STARTS:
         raise PrunescopeError(f"unknown search start {start!r}; accepted: {', '.join(STARTS)}")
-    for name, value in (("offspring", offspring), ("survivors", survivors), ("screen", screen)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PrunescopeError(f"{name} must be a whole number >= 1; got {value!r}")
+    whole_numbers(1, offspring=offspring, survivors=survivors, screen=screen)
     if evaluations is None and seconds is None:
         raise PrunescopeError("a search needs a limit: evaluations= (candidate evaluations) or seconds= (wall time)")
-    if evaluations is not None and (isinstance(evaluations, bool) or not isinstance(evaluations, int) or evaluations < 1):
-        raise PrunescopeError(f"evaluations must be a whole number >= 1; got {evaluations!r}")
+    whole_number(evaluations, "evaluations", optional=True)
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0):
         raise PrunescopeError(f"seconds must be a number > 0; got {seconds!r}")
     return criterion

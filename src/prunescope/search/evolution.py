@@ -54,6 +54,15 @@ class Selection:
         return (self.offspring + self.survivors) if self.screens else self.offspring
 
 
+def another_generation(state: SearchState, selection: Selection, evaluations: int | None, seconds: float | None,
+                       elapsed: float) -> bool:
+    """Whether a search at ``state`` runs another generation: it would not pass ``evaluations`` and
+    ``elapsed`` (seconds of wall time spent so far) is under ``seconds``."""
+    if evaluations is not None and state.evaluations + selection.per_generation > evaluations:
+        return False
+    return seconds is None or elapsed < seconds
+
+
 def evolve(space: LevelSpace, state: SearchState, fitness: Fitness, selection: Selection, *, evaluations: int | None,
            seconds: float | None, path: str | Path | None = None, progress: bool = False) -> SearchState:
     """Run generations until the next one would pass ``evaluations`` or ``seconds`` (wall time of
@@ -62,14 +71,9 @@ def evolve(space: LevelSpace, state: SearchState, fitness: Fitness, selection: S
     started = time.perf_counter() - state.seconds
     rng = state.random()
 
-    def more() -> bool:
-        if evaluations is not None and state.evaluations + selection.per_generation > evaluations:
-            return False
-        return seconds is None or time.perf_counter() - started < seconds
-
     total = None if evaluations is None else max(0, (evaluations - state.evaluations) // selection.per_generation)
     with progress_bar(total or 0, "search", progress) as bar:
-        while more():
+        while another_generation(state, selection, evaluations, seconds, time.perf_counter() - started):
             children: list[tuple[int, ...]] = []
             parent = tuple(state.parent)
             for _ in range(50 * selection.offspring):

@@ -48,7 +48,6 @@ class Measure:
         for state in states:
             self.working.set(self.space.level_of(state))
             skip = self.replay.first_block(self.space.names, state) if self.replay.covers(indices) else 0
-            skip = min(skip, len(self.replay.blocks))
             self.blocks_skipped += skip * len(indices)
             self.blocks_run += (len(self.replay.blocks) - skip) * len(indices)
             with self.replay.running(state, skip, record):

@@ -10,13 +10,14 @@ a third to a half of the blocks are skipped when a mutation touches two to four 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from torch import nn
 
 from ..incremental import copy_output
 from ..oneshot.blocks import find_block_stack
+from ..oneshot.sequential import block_containing
 
 
 class ParentReplay:
@@ -25,8 +26,8 @@ class ParentReplay:
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         stack = find_block_stack(model)
         self.blocks = [module for _, module in stack.blocks] if stack.path else []
-        prefixes = [f"{name}." for name, _ in stack.blocks] if stack.path else []
-        self.block_of = {n: next((i for i, p in enumerate(prefixes) if n.startswith(p)), 0) for n in names}
+        index = {name: i for i, (name, _) in enumerate(stack.blocks)}
+        self.block_of = {n: index.get(block_containing(n, stack), 0) for n in names}
         self.state: tuple[int, ...] | None = None
         self.records: dict[int, list[Any]] = {}
         self._pending: dict[tuple[int, ...], dict[int, list[Any]]] = {}
@@ -80,7 +81,7 @@ class ParentReplay:
     def window(self, index: int):
         """The ``on_batch`` context of :meth:`Evaluator.evaluate`: which batch's records to replay."""
         self._window = index
-        return _Nothing()
+        return nullcontext()
 
     def _replayer(self, index: int):
         def forward(*_args: Any, **_kwargs: Any) -> Any:
@@ -95,10 +96,3 @@ class ParentReplay:
 
         return hook
 
-
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
 
@@ -138,7 +138,3 @@ class LevelSpace:
             owed -= self.params[other]
         return new
 
-
-def grid_drops(space: LevelSpace, predicted: Mapping[str, callable]) -> np.ndarray:
-    """``drops[l, k]``: ``predicted[name](level)`` of each layer at each grid level."""
-    return np.array([[predicted[name](level) for level in space.levels] for name in space.names], dtype=np.float64)
