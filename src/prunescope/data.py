@@ -120,7 +120,7 @@ def load_data(
                 raise PrunescopeError(f"the digits {split} split has {len(y)} images; asked for {samples} samples")
             x, y = x[:samples], y[:samples]
         return Data(batches_of((x, y), batch_size or 120), "accuracy", f"sklearn digits {split} split, {len(y)} images")
-    if spec in ("pydoc",) or kind == "text":
+    if is_text_spec(spec):
         text = pydoc_text() if spec == "pydoc" else _read_text(rest)
         windows = samples or 4
         batches = token_windows(text, loaded.tokenizer, seq_len, windows, first_window, batch_size or 1)
@@ -176,7 +176,7 @@ def oneshot_data(
     whole_number(calibration_samples, "calibration samples")
     check_data_arguments(samples=samples, batch_size=batch_size, seq_len=seq_len, first_window=first_window)
     kind, _, rest = spec.partition(":")
-    if spec == "pydoc" or kind == "text":
+    if is_text_spec(spec):
         text = pydoc_text() if spec == "pydoc" else _read_text(rest)
         windows = samples or 4
         calibration, evaluation, start = split_windows(text, loaded.tokenizer, seq_len, calibration_samples, windows,
